@@ -1,0 +1,298 @@
+"""The sparse MoE layer: grouping, routing, einsum dispatch, (expert-parallel) experts, combine.
+
+Shapes: B batch, L length, d model dim, G groups, S tokens per group, E experts, C capacity,
+K choices per token.
+
+On a (data, expert, model) mesh the expert computation runs inside ``jax.shard_map``:
+tokens arrive split over (data, expert) by group, are dispatched locally to ``[E, G_local, C, d]``,
+exchanged with ``all_to_all`` over ``expert`` so that each device holds its own experts' tokens from
+every group of its data row, run through the local experts, and sent back. Without a mesh the same
+code runs on one device with the collectives skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+from jax.sharding import Mesh, PartitionSpec
+
+from hypermoe_jax import experts as experts_lib
+from hypermoe_jax import partitioning as part
+from hypermoe_jax import routing
+
+Array = jax.Array
+DroppedTokenBehavior = Literal["zero", "scale_input"]
+
+
+@struct.dataclass
+class MoeAux:
+    """Per-layer side outputs of ``MoeLayer`` (returned, not sown, so they survive ``nn.scan``).
+
+    Attributes:
+      load_balance_loss: scalar.
+      z_loss: scalar router z-loss.
+      metrics: ``routing.routing_metrics`` (expert_load [E], dropped_fraction, router_entropy,
+        router_confidence).
+      expert_index: <int32>[B, L, K] top-k experts of each token before capacity (HyperMoE's
+        unselected sets are derived from it; no gradient flows through it).
+      kept: <bool>[B, L, K] whether each choice fitted into its expert's capacity.
+    """
+
+    load_balance_loss: Array
+    z_loss: Array
+    metrics: dict[str, Array]
+    expert_index: Array
+    kept: Array
+
+
+def _local_experts(
+    x: Array,
+    dispatch: Array,
+    combine: Array,
+    weights: dict[str, Array],
+    adapters: dict[str, Array] | None,
+    dropout_rng: Array | None,
+    *,
+    activation: str,
+    dtype,
+    dropout_rate: float,
+    expert_axis: str | None,
+    model_axis: str | None,
+    rng_axes: tuple[str, ...] = (),
+) -> Array:
+    """Dispatch -> experts -> combine on one shard (or the whole batch without a mesh).
+
+    x: [G_l, S, d]; dispatch, combine: [G_l, S, E, C]; weights: local ``[E_l, d, f_l]``.
+    """
+    # [G_l, S, d] x [G_l, S, E, C] -> [E, G_l, C, d]: every expert's slots, for the local groups.
+    x_e = jnp.einsum("gsec,gsd->egcd", dispatch.astype(dtype), x.astype(dtype))
+    if expert_axis is not None:
+        # all_to_all over `expert`: split the E axis into the expert shards and send shard j to
+        # device j; receive from every device of the row its groups' slots for our local experts.
+        # [E, G_l, C, d] -> [E_l, n_expert * G_l, C, d].
+        x_e = jax.lax.all_to_all(x_e, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+    if dropout_rng is not None:
+        for axis in rng_axes:
+            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis))
+    y_e = experts_lib.expert_mlp(
+        weights, x_e, activation=activation, dtype=dtype,
+        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+    )
+    if model_axis is not None:
+        # The expert hidden dim f is split over `model`: sum the partial outputs.
+        y_e = jax.lax.psum(y_e, model_axis)
+    if adapters is not None:
+        # Fused HyperExperts: the companion adapter of expert e on the tokens at expert e (ungated).
+        h_e = experts_lib.adapter_mlp(adapters, x_e, dtype)
+    if expert_axis is not None:
+        # all_to_all back over `expert`: return each group's slots to the device that owns the
+        # group. [E_l, n_expert * G_l, C, d] -> [E, G_l, C, d].
+        y_e = jax.lax.all_to_all(y_e, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+        if adapters is not None:
+            h_e = jax.lax.all_to_all(h_e, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+    # [G_l, S, E, C] x [E, G_l, C, d] -> [G_l, S, d]
+    y = jnp.einsum("gsec,egcd->gsd", combine.astype(dtype), y_e)
+    if adapters is not None:
+        y = y + jnp.einsum("gsec,egcd->gsd", dispatch.astype(dtype), h_e)
+    return y
+
+
+class MoeLayer(nn.Module):
+    """Switch / GShard sparse MLP with optional expert parallelism.
+
+    Attributes:
+      num_experts: E.
+      expert_hidden_dim: f.
+      num_selected: K (1 = Switch top-1).
+      activation: ``relu`` | ``gelu`` | ``gated-gelu`` (T5 v1.1) | ``gated-silu``.
+      train_capacity_factor / eval_capacity_factor: capacity factors (must be > 0).
+      min_capacity: lower bound on C.
+      group_size: tokens per group S (None: one group per sequence). B*L must divide into groups
+        and, on a mesh, the number of groups must divide over data*expert.
+      router_kind, jitter_noise, router_use_bias, hyper_router_*: see ``routing.Router``.
+      gate_normalization: see ``routing.route_tokens``.
+      batch_prioritized_routing: BPR (encoders only).
+      dropped_token_behavior: ``zero`` -- dropped tokens get 0 from the layer (the residual carries
+        them; T5X and current HF); ``scale_input`` -- they get ``p_top1 * x`` (older HF releases,
+        which the official HyperMoE code patches).
+      expert_dropout_rate: dropout on the experts' hidden activations.
+      mesh: (data, expert, model) mesh; None runs everything on one device.
+    """
+
+    num_experts: int
+    expert_hidden_dim: int
+    num_selected: int = 1
+    activation: str = "relu"
+    train_capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    group_size: int | None = None
+    router_kind: routing.RouterKind = "linear"
+    jitter_noise: float = 0.0
+    router_use_bias: bool = False
+    hyper_router_embed_dim: int | None = None
+    hyper_router_hidden_dim: int = 256
+    gate_normalization: routing.GateNormalization = "none"
+    batch_prioritized_routing: bool = False
+    dropped_token_behavior: DroppedTokenBehavior = "zero"
+    expert_dropout_rate: float = 0.0
+    mesh: Mesh | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        for name in ("train_capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(
+                    f"MoeLayer.{name} must be positive, got {getattr(self, name)}; "
+                    "typical values are 1.25 (train) and 2.0 (eval)."
+                )
+        if self.dropped_token_behavior not in ("zero", "scale_input"):
+            raise ValueError(
+                f"dropped_token_behavior must be 'zero' or 'scale_input', "
+                f"got {self.dropped_token_behavior!r}"
+            )
+        n_expert = part.mesh_axis_size(self.mesh, part.EXPERT)
+        if self.num_experts % n_expert:
+            raise ValueError(
+                f"num_experts={self.num_experts} is not divisible by the mesh's expert axis "
+                f"({n_expert}); choose an expert-parallel size that divides the expert count."
+            )
+        self.router = routing.Router(
+            num_experts=self.num_experts,
+            kind=self.router_kind,
+            jitter_noise=self.jitter_noise,
+            use_bias=self.router_use_bias,
+            hyper_embed_dim=self.hyper_router_embed_dim,
+            hyper_hidden_dim=self.hyper_router_hidden_dim,
+        )
+        self.experts = experts_lib.MlpExperts(
+            num_experts=self.num_experts,
+            hidden_dim=self.expert_hidden_dim,
+            activation=self.activation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    def _group(self, num_tokens: int, seq_len: int) -> tuple[int, int]:
+        size = self.group_size or seq_len
+        if num_tokens % size:
+            raise ValueError(
+                f"{num_tokens} tokens (batch*length) do not divide into groups of "
+                f"group_size={size}; choose a group size that divides batch*length."
+            )
+        num_groups = num_tokens // size
+        shards = part.mesh_axis_size(self.mesh, part.TOKEN_SHARDS)
+        if num_groups % shards:
+            raise ValueError(
+                f"{num_groups} token groups cannot be split over data*expert={shards} devices; "
+                f"make (batch*length/group_size) a multiple of {shards} (smaller group_size or "
+                "larger batch)."
+            )
+        return num_groups, size
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        deterministic: bool = True,
+        padding_mask: Array | None = None,
+        active_k: Array | int | None = None,
+        adapters: dict[str, Array] | None = None,
+    ) -> tuple[Array, MoeAux]:
+        """Applies the layer.
+
+        Args:
+          x: <[B, L, d]> token features.
+          deterministic: eval mode (no jitter, no dropout, eval capacity factor).
+          padding_mask: optional <[B, L]>, nonzero for real tokens.
+          active_k: optional traced number of experts per token (<= num_selected).
+          adapters: optional fused companion adapters (``experts.ADAPTER_KEYS``, leading dim E),
+            applied ungated to the tokens each expert keeps; top-1 only.
+
+        Returns:
+          ``(y <[B, L, d]>, MoeAux)``.
+        """
+        batch, seq_len, d_model = x.shape
+        num_groups, group_size = self._group(batch * seq_len, seq_len)
+        if adapters is not None and self.num_selected != 1:
+            raise ValueError("Fused adapters are defined for top-1 routing only (num_selected=1).")
+        xg = x.reshape(num_groups, group_size, d_model)
+        xg = part.with_logical_constraint(xg, (part.EXPERT_GROUP, part.LENGTH, part.EMBED))
+        mask = None if padding_mask is None else padding_mask.reshape(num_groups, group_size)
+
+        logits = self.router(xg, deterministic=deterministic)
+        cf = self.eval_capacity_factor if deterministic else self.train_capacity_factor
+        capacity = routing.expert_capacity(
+            group_size, self.num_experts, self.num_selected, cf, self.min_capacity
+        )
+        r = routing.route_tokens(
+            logits,
+            num_selected=self.num_selected,
+            capacity=capacity,
+            padding_mask=mask,
+            active_k=active_k,
+            batch_prioritized=self.batch_prioritized_routing,
+            gate_normalization=self.gate_normalization,
+        )
+        weights = self.experts(d_model)
+        use_dropout = self.expert_dropout_rate > 0 and not deterministic
+        dropout_rng = self.make_rng("dropout") if use_dropout else None
+
+        local = functools.partial(
+            _local_experts,
+            activation=self.activation,
+            dtype=self.dtype,
+            dropout_rate=self.expert_dropout_rate if use_dropout else 0.0,
+        )
+        if self.mesh is None:
+            y = local(
+                xg, r.dispatch_mask, r.combine_weights, weights, adapters, dropout_rng,
+                expert_axis=None, model_axis=None,
+            )
+        else:
+            y = self._sharded(local, xg, r, weights, adapters, dropout_rng)
+
+        kept_top1 = r.kept[..., 0]
+        if self.dropped_token_behavior == "scale_input":
+            dropped = (r.active[..., 0] & ~kept_top1).astype(self.dtype)
+            y = y + (dropped * r.gates[..., 0])[..., None] * xg.astype(self.dtype)
+        y = part.with_logical_constraint(y, (part.EXPERT_GROUP, part.LENGTH, part.EMBED))
+        aux = MoeAux(
+            load_balance_loss=routing.load_balancing_loss(r),
+            z_loss=routing.router_z_loss(r),
+            metrics=routing.routing_metrics(r),
+            expert_index=r.expert_index.reshape(batch, seq_len, self.num_selected),
+            kept=r.kept.reshape(batch, seq_len, self.num_selected),
+        )
+        return y.reshape(batch, seq_len, d_model).astype(x.dtype), aux
+
+    def _sharded(self, local, xg, r, weights, adapters, dropout_rng):
+        mesh = self.mesh
+        spec = part.logical_to_mesh_spec
+        tokens = PartitionSpec(part.TOKEN_SHARDS)
+        w_specs = {
+            n: spec(axes) for n, axes in experts_lib.expert_weight_specs(weights).items()
+        }
+        a_specs = None if adapters is None else {n: PartitionSpec(part.EXPERT) for n in adapters}
+        model_axis = part.MODEL if mesh.shape[part.MODEL] > 1 else None
+        fn = functools.partial(
+            local,
+            expert_axis=part.EXPERT,
+            model_axis=model_axis,
+            rng_axes=part.MESH_AXES,
+        )
+        sharded = jax.shard_map(
+            fn,
+            mesh=mesh,
+            in_specs=(tokens, tokens, tokens, w_specs, a_specs,
+                      None if dropout_rng is None else PartitionSpec()),
+            out_specs=tokens,
+            check_vma=False,
+        )
+        return sharded(xg, r.dispatch_mask, r.combine_weights, weights, adapters, dropout_rng)
