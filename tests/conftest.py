@@ -1,0 +1,14 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and float32 matmuls."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+assert jax.device_count() == 8, "tests expect 8 fake CPU devices; import jax only after conftest"
