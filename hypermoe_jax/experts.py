@@ -40,7 +40,7 @@ def _act(activation: str):
 
 
 class MlpExperts(nn.Module):
-    """Creates the expert weights: ``wi`` (or ``wi_0``/``wi_1`` gated) ``[E, d, f]``, ``wo [E, f, d]``."""
+    """The expert weights: ``wi [E, d, f]`` (gated: ``wi_0``, ``wi_1``), ``wo [E, f, d]``."""
 
     num_experts: int
     hidden_dim: int
@@ -113,7 +113,8 @@ def adapter_mlp(adapters: dict[str, Array], x: Array, dtype: jnp.dtype = jnp.flo
     """Expert-indexed bottleneck adapters ``relu(x W_down[e] + b_down[e]) W_up[e] + b_up[e]``.
 
     Args:
-      adapters: ``w_down`` <[E, d, b]>, ``b_down`` <[E, b]>, ``w_up`` <[E, b, d]>, ``b_up`` <[E, d]>.
+      adapters: ``w_down`` <[E, d, b]>, ``b_down`` <[E, b]>, ``w_up`` <[E, b, d]>,
+        ``b_up`` <[E, d]>.
       x: <[E, G, C, d]> tokens dispatched to each expert.
     """
     x = x.astype(dtype)

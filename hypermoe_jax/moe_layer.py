@@ -1,4 +1,4 @@
-"""The sparse MoE layer: grouping, routing, einsum dispatch, (expert-parallel) experts, combine.
+"""The sparse MoE layer: grouping, routing, dispatch, (expert-parallel) experts, combine.
 
 Shapes: B batch, L length, d model dim, G groups, S tokens per group, E experts, C capacity,
 K choices per token.
@@ -8,6 +8,10 @@ tokens arrive split over (data, expert) by group, are dispatched locally to ``[E
 exchanged with ``all_to_all`` over ``expert`` so that each device holds its own experts' tokens from
 every group of its data row, run through the local experts, and sent back. Without a mesh the same
 code runs on one device with the collectives skipped.
+
+Dispatch and combine come in two forms with the same result (``MoeLayer.dispatch_impl``): one-hot
+einsums with the ``[G, S, E, C]`` dispatch / combine tensors (GShard / Switch), or index gathers
+from each choice's slot ``e * C + c`` (cheaper where einsums are not free, e.g. on CPU).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from hypermoe_jax import routing
 
 Array = jax.Array
 DroppedTokenBehavior = Literal["zero", "scale_input"]
+DispatchImpl = Literal["einsum", "gather"]
+DISPATCH_IMPLS = ("einsum", "gather")
 
 
 @struct.dataclass
@@ -50,14 +56,53 @@ class MoeAux:
     kept: Array
 
 
+def _dispatch_einsum(x: Array, dispatch: Array) -> Array:
+    """[G_l, S, d] x <bool>[G_l, S, E, C] -> [E, G_l, C, d]: every expert's slots, local groups."""
+    return jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)
+
+
+def _combine_einsum(y_e: Array, weights: Array) -> Array:
+    """[E, G_l, C, d] x [G_l, S, E, C] -> [G_l, S, d]."""
+    return jnp.einsum("gsec,egcd->gsd", weights.astype(y_e.dtype), y_e)
+
+
+def _dispatch_gather(x: Array, slot_ids: Array, num_experts: int, capacity: int) -> Array:
+    """Gathers each slot's token: [G_l, S, d], <int32>[G_l, S, K] -> [E, G_l, C, d].
+
+    ``slot_ids`` holds ``e * C + c`` for kept choices and ``E * C`` for the rest.
+    """
+    num_groups, group_size, d_model = x.shape
+    num_slots = num_experts * capacity
+    tokens = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], slot_ids.shape[1:])
+    # [G_l, E*C] token of each slot; empty slots point at an appended zero row (index S).
+    token_of_slot = jnp.full((num_groups, num_slots), group_size, jnp.int32)
+    token_of_slot = token_of_slot.at[
+        jnp.arange(num_groups)[:, None], slot_ids.reshape(num_groups, -1)
+    ].set(tokens.reshape(1, -1).repeat(num_groups, 0), mode="drop")
+    x_pad = jnp.concatenate([x, jnp.zeros((num_groups, 1, d_model), x.dtype)], axis=1)
+    x_e = jax.vmap(lambda rows, idx: rows[idx])(x_pad, token_of_slot)  # [G_l, E*C, d]
+    return x_e.reshape(num_groups, num_experts, capacity, d_model).transpose(1, 0, 2, 3)
+
+
+def _combine_gather(y_e: Array, slot_ids: Array, weights: Array) -> Array:
+    """Gathers each choice's slot and weights it: [E, G_l, C, d], [G_l, S, K] -> [G_l, S, d]."""
+    num_experts, num_groups, capacity, d_model = y_e.shape
+    y_flat = y_e.transpose(1, 0, 2, 3).reshape(num_groups, num_experts * capacity, d_model)
+    y_pad = jnp.concatenate([y_flat, jnp.zeros((num_groups, 1, d_model), y_e.dtype)], axis=1)
+    picked = jax.vmap(lambda rows, idx: rows[idx])(y_pad, slot_ids)  # [G_l, S, K, d]
+    return jnp.einsum("gsk,gskd->gsd", weights.astype(y_e.dtype), picked)
+
+
 def _local_experts(
     x: Array,
-    dispatch: Array,
-    combine: Array,
+    routed: tuple[Array, Array],
     weights: dict[str, Array],
     adapters: dict[str, Array] | None,
     dropout_rng: Array | None,
     *,
+    dispatch_impl: str,
+    num_experts: int,
+    capacity: int,
     activation: str,
     dtype,
     dropout_rate: float,
@@ -67,10 +112,17 @@ def _local_experts(
 ) -> Array:
     """Dispatch -> experts -> combine on one shard (or the whole batch without a mesh).
 
-    x: [G_l, S, d]; dispatch, combine: [G_l, S, E, C]; weights: local ``[E_l, d, f_l]``.
+    x: [G_l, S, d]; weights: local ``[E_l, d, f_l]``; routed: ``einsum`` -- the dispatch mask and
+    combine weights <[G_l, S, E, C]>; ``gather`` -- slot ids <int32>[G_l, S, K] (``e * C + c``, or
+    ``E * C`` for choices not kept) and gates <[G_l, S, K]>.
     """
-    # [G_l, S, d] x [G_l, S, E, C] -> [E, G_l, C, d]: every expert's slots, for the local groups.
-    x_e = jnp.einsum("gsec,gsd->egcd", dispatch.astype(dtype), x.astype(dtype))
+    x = x.astype(dtype)
+    if dispatch_impl == "einsum":
+        dispatch, combine = routed
+        x_e = _dispatch_einsum(x, dispatch)  # [E, G_l, C, d]
+    else:
+        slot_ids, gates = routed
+        x_e = _dispatch_gather(x, slot_ids, num_experts, capacity)  # [E, G_l, C, d]
     if expert_axis is not None:
         # all_to_all over `expert`: split the E axis into the expert shards and send shard j to
         # device j; receive from every device of the row its groups' slots for our local experts.
@@ -80,8 +132,12 @@ def _local_experts(
         for axis in rng_axes:
             dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis))
     y_e = experts_lib.expert_mlp(
-        weights, x_e, activation=activation, dtype=dtype,
-        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        weights,
+        x_e,
+        activation=activation,
+        dtype=dtype,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
     )
     if model_axis is not None:
         # The expert hidden dim f is split over `model`: sum the partial outputs.
@@ -95,10 +151,15 @@ def _local_experts(
         y_e = jax.lax.all_to_all(y_e, expert_axis, split_axis=1, concat_axis=0, tiled=True)
         if adapters is not None:
             h_e = jax.lax.all_to_all(h_e, expert_axis, split_axis=1, concat_axis=0, tiled=True)
-    # [G_l, S, E, C] x [E, G_l, C, d] -> [G_l, S, d]
-    y = jnp.einsum("gsec,egcd->gsd", combine.astype(dtype), y_e)
-    if adapters is not None:
-        y = y + jnp.einsum("gsec,egcd->gsd", dispatch.astype(dtype), h_e)
+    if dispatch_impl == "einsum":
+        y = _combine_einsum(y_e, combine)  # [G_l, S, d]
+        if adapters is not None:
+            y = y + _combine_einsum(h_e, dispatch)
+    else:
+        y = _combine_gather(y_e, slot_ids, gates)
+        if adapters is not None:
+            kept = (slot_ids < num_experts * capacity).astype(dtype)
+            y = y + _combine_gather(h_e, slot_ids, kept)
     return y
 
 
@@ -118,10 +179,15 @@ class MoeLayer(nn.Module):
       gate_normalization: see ``routing.route_tokens``.
       batch_prioritized_routing: BPR (encoders only).
       dropped_token_behavior: ``zero`` -- dropped tokens get 0 from the layer (the residual carries
-        them; T5X and current HF); ``scale_input`` -- they get ``p_top1 * x`` (older HF releases,
+        them; T5X and current HF); ``scale_input`` -- a token whose top-1 choice was dropped gets
+        ``gate_top1 * x`` (``p_top1 * x`` with ``gate_normalization='none'``: older HF releases,
         which the official HyperMoE code patches).
       expert_dropout_rate: dropout on the experts' hidden activations.
       mesh: (data, expert, model) mesh; None runs everything on one device.
+      dispatch_impl: how tokens reach their expert slots and come back: ``einsum`` -- one-hot
+        dispatch / combine einsums (GShard / Switch; O(S * E * C * d) per group, MXU friendly);
+        ``gather`` -- index gathers (O(E * C * d) per group; faster where einsums are not free,
+        e.g. on CPU, and for large groups). Both give the same result.
     """
 
     num_experts: int
@@ -144,6 +210,7 @@ class MoeLayer(nn.Module):
     mesh: Mesh | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dispatch_impl: DispatchImpl = "einsum"
 
     def setup(self):
         for name in ("train_capacity_factor", "eval_capacity_factor"):
@@ -156,6 +223,10 @@ class MoeLayer(nn.Module):
             raise ValueError(
                 f"dropped_token_behavior must be 'zero' or 'scale_input', "
                 f"got {self.dropped_token_behavior!r}"
+            )
+        if self.dispatch_impl not in DISPATCH_IMPLS:
+            raise ValueError(
+                f"dispatch_impl must be one of {DISPATCH_IMPLS}, got {self.dispatch_impl!r}"
             )
         n_expert = part.mesh_axis_size(self.mesh, part.EXPERT)
         if self.num_experts % n_expert:
@@ -244,19 +315,25 @@ class MoeLayer(nn.Module):
         use_dropout = self.expert_dropout_rate > 0 and not deterministic
         dropout_rng = self.make_rng("dropout") if use_dropout else None
 
+        if self.dispatch_impl == "einsum":
+            routed = (r.dispatch_mask, r.combine_weights)
+        else:
+            no_slot = self.num_experts * capacity
+            slot_ids = jnp.where(r.kept, r.expert_index * capacity + r.slot, no_slot)
+            routed = (slot_ids.astype(jnp.int32), r.gates)
         local = functools.partial(
             _local_experts,
+            dispatch_impl=self.dispatch_impl,
+            num_experts=self.num_experts,
+            capacity=capacity,
             activation=self.activation,
             dtype=self.dtype,
             dropout_rate=self.expert_dropout_rate if use_dropout else 0.0,
         )
         if self.mesh is None:
-            y = local(
-                xg, r.dispatch_mask, r.combine_weights, weights, adapters, dropout_rng,
-                expert_axis=None, model_axis=None,
-            )
+            y = local(xg, routed, weights, adapters, dropout_rng, expert_axis=None, model_axis=None)
         else:
-            y = self._sharded(local, xg, r, weights, adapters, dropout_rng)
+            y = self._sharded(local, xg, routed, weights, adapters, dropout_rng)
 
         kept_top1 = r.kept[..., 0]
         if self.dropped_token_behavior == "scale_input":
@@ -272,13 +349,11 @@ class MoeLayer(nn.Module):
         )
         return y.reshape(batch, seq_len, d_model).astype(x.dtype), aux
 
-    def _sharded(self, local, xg, r, weights, adapters, dropout_rng):
+    def _sharded(self, local, xg, routed, weights, adapters, dropout_rng):
         mesh = self.mesh
         spec = part.logical_to_mesh_spec
         tokens = PartitionSpec(part.TOKEN_SHARDS)
-        w_specs = {
-            n: spec(axes) for n, axes in experts_lib.expert_weight_specs(weights).items()
-        }
+        w_specs = {n: spec(axes) for n, axes in experts_lib.expert_weight_specs(weights).items()}
         a_specs = None if adapters is None else {n: PartitionSpec(part.EXPERT) for n in adapters}
         model_axis = part.MODEL if mesh.shape[part.MODEL] > 1 else None
         fn = functools.partial(
@@ -290,9 +365,14 @@ class MoeLayer(nn.Module):
         sharded = jax.shard_map(
             fn,
             mesh=mesh,
-            in_specs=(tokens, tokens, tokens, w_specs, a_specs,
-                      None if dropout_rng is None else PartitionSpec()),
+            in_specs=(
+                tokens,
+                (tokens, tokens),
+                w_specs,
+                a_specs,
+                None if dropout_rng is None else PartitionSpec(),
+            ),
             out_specs=tokens,
             check_vma=False,
         )
-        return sharded(xg, r.dispatch_mask, r.combine_weights, weights, adapters, dropout_rng)
+        return sharded(xg, routed, weights, adapters, dropout_rng)

@@ -104,9 +104,7 @@ def make_mesh(
             f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices but "
             f"{n} are available; make data*expert*model equal the device count (or pass -1)."
         )
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def mesh_axis_size(mesh: Mesh | None, axis: str | Sequence[str]) -> int:

@@ -12,3 +12,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices; import jax only after conftest"
+
+
+def pytest_collection_finish(session):
+    # An empty selection is an error here, never a silent "no tests ran".
+    if not session.items:
+        raise RuntimeError("No tests were collected; check the test paths and -k expression.")
