@@ -1,0 +1,655 @@
+"""T5X-protocol models wrapping the transformer modules: losses, metrics, scoring, decoding.
+
+``EncoderDecoderModel`` and ``DecoderOnlyModel`` follow T5X's ``BaseTransformerModel`` protocol
+(``loss_fn``, ``eval_fn``, ``predict_batch``, ``predict_batch_with_aux``, ``score_batch``,
+``get_initial_variables``, ``FEATURE_CONVERTER_CLS``) so the same objects can be configured with
+gin for this project's ``train`` module or for upstream ``t5x.train`` (T5X is not imported here).
+
+Batches use the seqio feature-converter keys: ``encoder_input_tokens``, ``decoder_input_tokens``,
+``decoder_target_tokens``, ``decoder_loss_weights`` and, for packed examples,
+``{encoder,decoder}_segment_ids`` / ``{encoder,decoder}_positions`` (decoder-only prefix LMs:
+``decoder_causal_attention``).
+
+Trainable and non-trainable variables. HyperRouter's hypernetwork and SMoE-Dropout's random
+router are weights that are saved but never trained; they live in the ``frozen`` variable
+collection, next to ``params``. ``get_initial_variables`` returns both
+(``{'params': ..., 'frozen': ...}``, boxed with logical partitioning metadata). Every entry point
+takes ``params`` -- the ``params`` collection only, the tree an optimizer updates -- and the other
+collections as the keyword ``flax_mutables`` (the name T5X's train state uses for them):
+
+    variables = nn.unbox(model.get_initial_variables(rng, shapes))
+    params, mutables = variables.pop('params'), variables           # {'frozen': ...} or {}
+    loss, metrics = model.loss_fn(params, batch, rng, flax_mutables=mutables, step=step)
+
+Passing the whole variable dict as ``params`` (no ``flax_mutables``) works too, which is what a
+caller that knows nothing about ``frozen`` (e.g. a plain T5X train state) would do when it keeps
+the variables together; gradients of ``frozen`` leaves are then exactly zero.
+
+Experts per token: SMoE-Dropout grows k during training. With a ``KSchedule`` the model computes
+``k = routing.linear_k_schedule(step, ...)`` from the ``step`` keyword of ``loss_fn`` (a caller
+that passes no step trains with k_max). Evaluation, scoring and decoding use ``eval_active_k``
+(None = all ``num_selected``), or the ``active_k`` keyword of each call (any-k inference).
+
+MoE aux losses: the load-balance and router z-losses of all MoE layers (both stacks) are averaged
+over layers, scaled by ``aux_loss_factor`` (0.01) and ``router_z_loss_factor`` (0.001), and added
+to the loss. Per-layer routing metrics are reported as ``moe/<stack>/layer_<i>/<name>`` with i the
+block index within the stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from hypermoe_jax import decoding, moe_layer, routing, transformer
+
+Array = jax.Array
+PyTree = Any
+NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
+NUM_TOTAL_TARGET_TOKENS = "NUM_TOTAL_TARGET_TOKENS"
+AVERAGE_PER_SEQUENCE = "AVERAGE_PER_SEQUENCE"
+_SPECIAL_FACTORS = (NUM_REAL_TARGET_TOKENS, NUM_TOTAL_TARGET_TOKENS, AVERAGE_PER_SEQUENCE)
+# Collections created only while applying (never part of a model's state).
+_TRANSIENT = (transformer.CACHE, "intermediates")
+
+
+class _SeqioClass:
+    """Class attribute resolved lazily to ``seqio.<name>`` (importing seqio pulls TensorFlow)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        import seqio
+
+        return getattr(seqio, self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class KSchedule:
+    """SMoE-Dropout's growing number of experts per token:
+    ``k_t = round((k_max - k_min) * t / total_steps) + k_min`` (k_max: the layers' num_selected)."""
+
+    total_steps: int
+    k_min: int = 1
+    k_max: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy_with_logits(
+    logits: Array, targets: Array, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> tuple[Array, Array]:
+    """Per-token cross entropy with label smoothing and the output z-loss.
+
+    Label smoothing puts ``1 - s`` on the target and ``s / (V - 1)`` on every other token; the
+    entropy of that distribution is subtracted so a perfect prediction has loss 0. The z-loss
+    ``z_loss * logsumexp(logits)^2`` keeps the softmax normaliser near 1.
+
+    Returns ``(loss [..], z_loss_term [..])``, the loss already including the z term.
+    """
+    vocab = logits.shape[-1]
+    logits = logits.astype(jnp.float32)
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / max(vocab - 1, 1)
+    normalizer = -(
+        confidence * np.log(confidence)
+        + (vocab - 1) * low * np.log(low + 1e-20)
+    ) if label_smoothing > 0 else 0.0
+    onehot = jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
+    soft = onehot * confidence + (1.0 - onehot) * low
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_softmax = logits - log_z[..., None]
+    loss = -jnp.sum(soft * log_softmax, axis=-1) - normalizer
+    z_term = z_loss * jnp.square(log_z)
+    return loss + z_term, z_term
+
+
+def loss_normalizing_factor_and_weights(
+    factor: float | str | None, targets: Array, weights: Array
+) -> tuple[float | Array | None, Array]:
+    """Resolves a T5X-style loss normalising factor (None = sum over tokens). Special factors are
+    strings or enum members with those names (T5X's ``SpecialLossNormalizingFactor``)."""
+    factor = _factor_name(factor)
+    if factor is None or not isinstance(factor, str):
+        return factor, weights
+    if factor == NUM_REAL_TARGET_TOKENS:
+        return jnp.sum(weights), weights
+    if factor == NUM_TOTAL_TARGET_TOKENS:
+        return float(np.prod(targets.shape)), weights
+    if factor == AVERAGE_PER_SEQUENCE:
+        per_seq = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-9)
+        return float(targets.shape[0]), weights / per_seq
+    raise ValueError(
+        f"Unknown loss_normalizing_factor {factor!r}; use None, a number or one of "
+        f"{_SPECIAL_FACTORS}."
+    )
+
+
+def _factor_name(factor):
+    name = getattr(factor, "name", None)
+    return name if isinstance(name, str) and not isinstance(factor, str) else factor
+
+
+def moe_losses_and_metrics(
+    aux: Mapping[str, moe_layer.MoeAux | None],
+    layer_indices: Mapping[str, list[int]],
+) -> tuple[Array, Array, dict[str, Array]]:
+    """Averages the aux losses over all MoE layers and flattens per-layer metrics.
+
+    Args:
+      aux: stack name -> ``MoeAux`` stacked over that stack's MoE layers ([P, ...]) or None.
+      layer_indices: stack name -> block index of each MoE layer.
+
+    Returns:
+      ``(load_balance_loss, router_z_loss, metrics)``; the losses are 0 for a dense model.
+    """
+    lbs, zs, metrics = [], [], {}
+    for stack, a in aux.items():
+        if a is None:
+            continue
+        lbs.append(a.load_balance_loss)
+        zs.append(a.z_loss)
+        for j, layer in enumerate(layer_indices[stack]):
+            prefix = f"moe/{stack}/layer_{layer}/"
+            for name, value in a.metrics.items():
+                metrics[prefix + name] = value[j]
+            metrics[prefix + "load_balance_loss"] = a.load_balance_loss[j]
+            metrics[prefix + "router_z_loss"] = a.z_loss[j]
+    if not lbs:
+        zero = jnp.zeros((), jnp.float32)
+        return zero, zero, metrics
+    lb = jnp.mean(jnp.concatenate(lbs))
+    z = jnp.mean(jnp.concatenate(zs))
+    for name in ("dropped_fraction", "router_entropy", "router_confidence"):
+        values = [v for k, v in metrics.items() if k.endswith("/" + name)]
+        metrics[f"moe/{name}"] = jnp.mean(jnp.stack(values))
+    return lb, z, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Base model
+# --------------------------------------------------------------------------------------------
+
+
+class BaseTransformerModel:
+    """Shared logic of the encoder-decoder and decoder-only models.
+
+    Args:
+      module: ``transformer.EncoderDecoder`` / ``transformer.DecoderOnly``.
+      input_vocabulary, output_vocabulary: seqio vocabularies (EOS id for decoding).
+      optimizer_def: kept for the T5X protocol (the trainer applies it to ``params`` only).
+      decode_fn: ``decoding.beam_search`` or ``decoding.temperature_sample``.
+      label_smoothing: on the target distribution.
+      z_loss: output (softmax) z-loss factor.
+      loss_normalizing_factor: None (sum over tokens, T5X's default), a number, or
+        ``NUM_REAL_TARGET_TOKENS`` (mean over real target tokens; the default here, which keeps
+        the token loss and the MoE aux losses on the same scale) / ``NUM_TOTAL_TARGET_TOKENS`` /
+        ``AVERAGE_PER_SEQUENCE``.
+      aux_loss_factor / router_z_loss_factor: weights of the MoE aux losses.
+      k_schedule: SMoE-Dropout's growing k (training); None = all ``num_selected``.
+      eval_active_k: experts per token in eval / scoring / decoding (None = all).
+      default_decoder_params: default keyword arguments of ``decode_fn``.
+      clu_metrics: return metrics as ``clu.metrics.Average`` objects (vectors split into
+        ``<name>/<i>`` scalars), the form upstream T5X trainers merge; default: plain arrays.
+    """
+
+    FEATURE_CONVERTER_CLS: Any = None
+
+    def __init__(
+        self,
+        module: nn.Module,
+        input_vocabulary: Any = None,
+        output_vocabulary: Any = None,
+        optimizer_def: Any = None,
+        decode_fn: Callable[..., Any] | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 1e-4,
+        loss_normalizing_factor: float | str | None = NUM_REAL_TARGET_TOKENS,
+        aux_loss_factor: float = 0.01,
+        router_z_loss_factor: float = 0.001,
+        k_schedule: KSchedule | None = None,
+        eval_active_k: int | None = None,
+        default_decoder_params: Mapping[str, Any] | None = None,
+        clu_metrics: bool = False,
+    ):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        loss_normalizing_factor = _factor_name(loss_normalizing_factor)
+        if isinstance(loss_normalizing_factor, str) and (
+            loss_normalizing_factor not in _SPECIAL_FACTORS
+        ):
+            raise ValueError(
+                f"Unknown loss_normalizing_factor {loss_normalizing_factor!r}; use None, a number "
+                f"or one of {_SPECIAL_FACTORS}."
+            )
+        self.module = module
+        self.input_vocabulary = input_vocabulary
+        self.output_vocabulary = output_vocabulary
+        self.optimizer_def = optimizer_def
+        self._decode_fn = decode_fn or self._default_decode_fn()
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.loss_normalizing_factor = loss_normalizing_factor
+        self.aux_loss_factor = aux_loss_factor
+        self.router_z_loss_factor = router_z_loss_factor
+        self.k_schedule = k_schedule
+        self.eval_active_k = eval_active_k
+        self.default_decoder_params = dict(default_decoder_params or {})
+        self.clu_metrics = clu_metrics
+
+    # -- subclass hooks ---------------------------------------------------------------------
+
+    def _default_decode_fn(self):
+        return decoding.beam_search
+
+    def _stacks(self) -> dict[str, tuple[int, int | None]]:
+        """stack name -> (num_layers, sparse_step)."""
+        raise NotImplementedError
+
+    def _module_inputs(self, batch: Mapping[str, Array]) -> tuple[tuple, dict]:
+        raise NotImplementedError
+
+    # -- variables --------------------------------------------------------------------------
+
+    @property
+    def config(self) -> transformer.TransformerConfig:
+        return self.module.config
+
+    @staticmethod
+    def _variables(params: PyTree, flax_mutables: PyTree | None) -> dict:
+        """``{'params': params, **flax_mutables}``; ``params`` may already be a variable dict."""
+        if flax_mutables is None and isinstance(params, Mapping) and "params" in params:
+            return dict(params)
+        return {"params": params, **dict(flax_mutables or {})}
+
+    def _apply(self, params, flax_mutables, *args, **kwargs):
+        variables = self._variables(params, flax_mutables)
+        try:
+            return self.module.apply(variables, *args, **kwargs)
+        except Exception as e:  # a missing 'frozen' collection gives an obscure flax error
+            if routing.FROZEN not in variables and routing.FROZEN in str(e):
+                raise ValueError(
+                    f"This model has non-trainable variables in the {routing.FROZEN!r} collection "
+                    "(HyperRouter / SMoE-Dropout routers); pass them as "
+                    "flax_mutables={'frozen': ...} or pass the full variable dict as params."
+                ) from e
+            raise
+
+    def get_initial_variables(
+        self,
+        rng: Array,
+        input_shapes: Mapping[str, tuple[int, ...]],
+        input_types: Mapping[str, Any] | None = None,
+    ) -> dict:
+        """Initial ``{'params': ..., 'frozen': ...}`` (boxed with logical axis metadata)."""
+        input_types = dict(input_types or {})
+        batch = {
+            k: jnp.ones(shape, input_types.get(k, jnp.int32))
+            for k, shape in input_shapes.items()
+        }
+        args, kwargs = self._module_inputs(batch)
+        params_rng, dropout_rng, jitter_rng = jax.random.split(rng, 3)
+        variables = self.module.init(
+            {"params": params_rng, "dropout": dropout_rng, routing.JITTER: jitter_rng},
+            *args, **kwargs, enable_dropout=False,
+        )
+        return {k: v for k, v in variables.items() if k not in _TRANSIENT}
+
+    # -- k ----------------------------------------------------------------------------------
+
+    def train_active_k(self, step: Array | int | None) -> Array | None:
+        """Experts per token at training step ``step`` (None without a schedule or a step)."""
+        if self.k_schedule is None or step is None:
+            return None
+        sched = self.k_schedule
+        k_max = sched.k_max or self.config.moe.num_selected
+        return routing.linear_k_schedule(step, sched.total_steps, sched.k_min, k_max)
+
+    def _eval_k(self, active_k):
+        return self.eval_active_k if active_k is None else active_k
+
+    # -- losses -----------------------------------------------------------------------------
+
+    def _compute_logits(self, params, batch, dropout_rng=None, *, flax_mutables=None,
+                        active_k=None):
+        args, kwargs = self._module_inputs(batch)
+        rngs = None
+        if dropout_rng is not None:
+            drop, jitter = jax.random.split(dropout_rng)
+            rngs = {"dropout": drop, routing.JITTER: jitter}
+        return self._apply(
+            params, flax_mutables, *args, **kwargs, enable_dropout=dropout_rng is not None,
+            active_k=active_k, rngs=rngs,
+        )
+
+    def _loss_and_metrics(self, logits, aux, batch, active_k):
+        targets = batch["decoder_target_tokens"]
+        weights = batch.get("decoder_loss_weights")
+        weights = (targets > 0) if weights is None else weights
+        weights = weights.astype(jnp.float32)
+        factor, weights = loss_normalizing_factor_and_weights(
+            self.loss_normalizing_factor, targets, weights
+        )
+        token_loss, token_z = cross_entropy_with_logits(
+            logits, targets, self.label_smoothing, self.z_loss
+        )
+        loss = jnp.sum(token_loss * weights)
+        z_loss = jnp.sum(token_z * weights)
+        if factor is not None:
+            loss = loss / factor
+            z_loss = z_loss / factor
+        layer_indices = {
+            name: transformer.sparse_layer_indices(n, step)
+            for name, (n, step) in self._stacks().items()
+        }
+        lb, rz, moe_metrics = moe_losses_and_metrics(aux, layer_indices)
+        total = loss + self.aux_loss_factor * lb + self.router_z_loss_factor * rz
+        num_tokens = jnp.sum(batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+        weight_sum = jnp.sum(weights)
+        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        metrics = {
+            "loss": total,
+            "cross_ent_loss": loss - z_loss,
+            "z_loss": z_loss,
+            "accuracy": jnp.sum(correct * weights) / jnp.maximum(weight_sum, 1e-9),
+            "num_real_target_tokens": num_tokens,
+            "nonpadding_fraction": num_tokens / float(np.prod(targets.shape)),
+            "moe/load_balance_loss": lb,
+            "moe/router_z_loss": rz,
+            **moe_metrics,
+        }
+        if active_k is not None:
+            metrics["moe/active_k"] = jnp.asarray(active_k, jnp.float32)
+        return total, self._format_metrics(metrics)
+
+    def _format_metrics(self, metrics: dict[str, Array]) -> dict[str, Any]:
+        if not self.clu_metrics:
+            return metrics
+        from clu import metrics as clu_metrics_lib
+
+        out = {}
+        for name, value in metrics.items():
+            value = jnp.asarray(value, jnp.float32)
+            if value.ndim == 0:
+                out[name] = clu_metrics_lib.Average.from_model_output(value)
+            else:
+                for i, v in enumerate(value.reshape(-1)):
+                    out[f"{name}/{i}"] = clu_metrics_lib.Average.from_model_output(v)
+        return out
+
+    def loss_fn(
+        self,
+        params: PyTree,
+        batch: Mapping[str, Array],
+        dropout_rng: Array | None,
+        *,
+        flax_mutables: PyTree | None = None,
+        step: Array | int | None = None,
+        active_k: Array | int | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Training loss (dropout / jitter on when ``dropout_rng`` is given) and metrics.
+
+        ``step`` drives the ``k_schedule``; ``active_k`` overrides it.
+        """
+        if active_k is None:
+            active_k = (
+                self.train_active_k(step) if dropout_rng is not None else self._eval_k(None)
+            )
+        logits, aux = self._compute_logits(
+            params, batch, dropout_rng, flax_mutables=flax_mutables, active_k=active_k
+        )
+        return self._loss_and_metrics(logits, aux, batch, active_k)
+
+    def eval_fn(self, params, batch, *, flax_mutables=None, active_k=None):
+        """Eval loss and metrics (no dropout, eval capacity factor, ``eval_active_k``)."""
+        return self.loss_fn(
+            params, batch, None, flax_mutables=flax_mutables, active_k=self._eval_k(active_k)
+        )
+
+    def score_batch(self, params, batch, return_intermediates: bool = False, *,
+                    flax_mutables=None, active_k=None):
+        """Log-likelihood of each target sequence, ``sum_i w_i log p(target_i)`` <float32>[B].
+
+        With ``return_intermediates``: ``(scores, {'token_scores': [B, L], 'moe_metrics': ...})``.
+        """
+        active_k = self._eval_k(active_k)
+        logits, aux = self._compute_logits(
+            params, batch, None, flax_mutables=flax_mutables, active_k=active_k
+        )
+        targets = batch["decoder_target_tokens"]
+        weights = batch.get("decoder_loss_weights")
+        weights = (targets > 0) if weights is None else weights
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        token_scores = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        token_scores = token_scores * weights.astype(jnp.float32)
+        scores = jnp.sum(token_scores, axis=-1)
+        if not return_intermediates:
+            return scores
+        layer_indices = {
+            name: transformer.sparse_layer_indices(n, step)
+            for name, (n, step) in self._stacks().items()
+        }
+        _, _, moe_metrics = moe_losses_and_metrics(aux, layer_indices)
+        return scores, {"token_scores": token_scores, "moe_metrics": moe_metrics}
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def predict_batch(self, params, batch, rng=None, **kwargs) -> Array:
+        """Decoded output tokens <int32>[B, L] (see ``predict_batch_with_aux``)."""
+        return self.predict_batch_with_aux(params, batch, rng=rng, **kwargs)[0]
+
+    def _eos_id(self) -> int:
+        vocab = self.output_vocabulary
+        eos = getattr(vocab, "eos_id", None)
+        return 1 if eos is None else int(eos)
+
+    def _decode(self, prompt, cache, tokens_to_logits, rng, decoder_params, num_decodes,
+                return_all_decodes):
+        params = {**self.default_decoder_params, **dict(decoder_params or {})}
+        fn = self._decode_fn
+        base = getattr(fn, "func", fn)  # a functools.partial (e.g. from gin) of a decoder
+        if base is decoding.beam_search or getattr(base, "__name__", "") == "beam_search":
+            seqs, scores = fn(
+                prompt, cache, tokens_to_logits, eos_id=self._eos_id(), beam_size=num_decodes,
+                **params,
+            )
+        else:
+            if rng is None and params.get("temperature", 1.0) != 0.0:
+                rng = jax.random.PRNGKey(0)
+            seqs, scores = fn(
+                prompt, cache, tokens_to_logits, eos_id=self._eos_id(), rng=rng,
+                num_decodes=num_decodes, **params,
+            )
+            # Ascending by log probability: the best decode last (as beam search returns them).
+            order = jnp.argsort(scores, axis=-1)
+            seqs = jnp.take_along_axis(seqs, order[:, :, None], axis=1)
+            scores = jnp.take_along_axis(scores, order, axis=1)
+        if return_all_decodes:
+            return seqs, {"scores": scores}
+        return seqs[:, -1], {"scores": scores[:, -1]}
+
+
+def _shift_left(x: Array) -> Array:
+    """Input-aligned -> target-aligned (position i gets x[i + 1]; the last becomes 0)."""
+    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder-decoder
+# --------------------------------------------------------------------------------------------
+
+
+class EncoderDecoderModel(BaseTransformerModel):
+    """T5 / Switch / HyperMoE encoder-decoder (``transformer.EncoderDecoder``)."""
+
+    FEATURE_CONVERTER_CLS = _SeqioClass("EncDecFeatureConverter")
+
+    def _stacks(self):
+        cfg = self.config
+        return {
+            "encoder": (cfg.num_encoder_layers, cfg.encoder_sparse_step),
+            "decoder": (cfg.num_decoder_layers, cfg.decoder_sparse_step),
+        }
+
+    def _module_inputs(self, batch):
+        args = (
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            batch.get("decoder_target_tokens", batch["decoder_input_tokens"]),
+        )
+        kwargs = {
+            k: batch.get(k)
+            for k in ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
+                      "decoder_positions")
+        }
+        return args, kwargs
+
+    def predict_batch_with_aux(
+        self,
+        params,
+        batch,
+        rng=None,
+        decoder_params=None,
+        return_all_decodes: bool = False,
+        num_decodes: int = 1,
+        prompt_with_targets: bool = False,
+        *,
+        flax_mutables=None,
+        active_k=None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Decodes the targets of ``batch`` (beam search by default; ``num_decodes`` beams).
+
+        Returns ``(tokens <int32>[B, L], {'scores': [B]})`` -- or all decodes
+        ``[B, num_decodes, L]`` sorted by ascending score with ``return_all_decodes``.
+        """
+        active_k = self._eval_k(active_k)
+        enc_tokens = batch["encoder_input_tokens"]
+        dec_shape = batch["decoder_input_tokens"].shape
+        encoded, _ = self._apply(
+            params, flax_mutables, enc_tokens, enable_dropout=False, active_k=active_k,
+            method=transformer.EncoderDecoder.encode,
+        )
+        dummy = jnp.zeros(dec_shape, jnp.int32)
+        _, init_vars = self._apply(
+            params, flax_mutables, encoded, enc_tokens, dummy, dummy, enable_dropout=False,
+            decode=True, active_k=active_k, mutable=[transformer.CACHE],
+            method=transformer.EncoderDecoder.decode,
+        )
+        cache = init_vars[transformer.CACHE]
+        encoded_x = decoding.flat_batch_beam_expand(encoded, num_decodes)
+        enc_tokens_x = decoding.flat_batch_beam_expand(enc_tokens, num_decodes)
+        variables = self._variables(params, flax_mutables)
+
+        def tokens_to_logits(state: decoding.DecodingState):
+            (logits, _), new_vars = self.module.apply(
+                {**variables, transformer.CACHE: state.cache}, encoded_x, enc_tokens_x,
+                state.cur_token, state.cur_token, enable_dropout=False, decode=True,
+                active_k=active_k, mutable=[transformer.CACHE],
+                method=transformer.EncoderDecoder.decode,
+            )
+            return logits[:, -1], new_vars[transformer.CACHE]
+
+        if prompt_with_targets:
+            prompt = _shift_left(batch["decoder_input_tokens"])
+        else:
+            prompt = jnp.zeros(dec_shape, jnp.int32)
+        return self._decode(prompt, cache, tokens_to_logits, rng, decoder_params, num_decodes,
+                            return_all_decodes)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder-only
+# --------------------------------------------------------------------------------------------
+
+
+def _remove_prompt(seqs: Array, prompt_len: Array) -> Array:
+    """seqs [B, N, L]; prompt_len [B] -> the continuation of each row, left-aligned."""
+    length = seqs.shape[-1]
+    idx = jnp.arange(length)[None, None, :] + prompt_len[:, None, None]
+    out = jnp.take_along_axis(seqs, jnp.minimum(idx, length - 1), axis=-1)
+    return jnp.where(idx < length, out, 0)
+
+
+class DecoderOnlyModel(BaseTransformerModel):
+    """Decoder-only LM / prefix LM (``transformer.DecoderOnly``).
+
+    Decoding continues the prompt (the prefix marked by ``decoder_causal_attention``; with
+    ``prompt_with_targets`` all of ``decoder_input_tokens``) and returns the continuation only.
+    """
+
+    FEATURE_CONVERTER_CLS = _SeqioClass("DecoderFeatureConverter")
+
+    def _default_decode_fn(self):
+        return decoding.temperature_sample
+
+    def _stacks(self):
+        cfg = self.config
+        return {"decoder": (cfg.num_decoder_layers, cfg.decoder_sparse_step)}
+
+    def _module_inputs(self, batch):
+        args = (batch["decoder_input_tokens"], batch.get("decoder_target_tokens"))
+        kwargs = {
+            k: batch.get(k)
+            for k in ("decoder_segment_ids", "decoder_positions", "decoder_causal_attention")
+        }
+        return args, kwargs
+
+    def predict_batch_with_aux(
+        self,
+        params,
+        batch,
+        rng=None,
+        decoder_params=None,
+        return_all_decodes: bool = False,
+        num_decodes: int = 1,
+        prompt_with_targets: bool = False,
+        *,
+        flax_mutables=None,
+        active_k=None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Samples continuations (temperature sampling by default; greedy with
+        ``decoder_params={'temperature': 0.0}``) of the prompts in ``batch``."""
+        active_k = self._eval_k(active_k)
+        inputs = batch["decoder_input_tokens"]
+        if prompt_with_targets:
+            prompt_inputs = inputs
+        elif batch.get("decoder_causal_attention") is not None:
+            prompt_inputs = inputs * batch["decoder_causal_attention"]
+        else:
+            prompt_inputs = jnp.zeros_like(inputs)
+        prompt = _shift_left(prompt_inputs).astype(jnp.int32)
+        prompt_len = jnp.sum(prompt > 0, axis=-1)
+
+        dummy = jnp.zeros(inputs.shape, jnp.int32)
+        _, init_vars = self._apply(
+            params, flax_mutables, dummy, dummy, enable_dropout=False, decode=True,
+            active_k=active_k, mutable=[transformer.CACHE],
+        )
+        cache = init_vars[transformer.CACHE]
+        variables = self._variables(params, flax_mutables)
+
+        def tokens_to_logits(state: decoding.DecodingState):
+            (logits, _), new_vars = self.module.apply(
+                {**variables, transformer.CACHE: state.cache}, state.cur_token,
+                enable_dropout=False, decode=True, active_k=active_k,
+                mutable=[transformer.CACHE],
+            )
+            return logits[:, -1], new_vars[transformer.CACHE]
+
+        seqs, aux = self._decode(prompt, cache, tokens_to_logits, rng, decoder_params,
+                                 num_decodes, True)
+        seqs = _remove_prompt(seqs, prompt_len)
+        if return_all_decodes:
+            return seqs, aux
+        return seqs[:, -1], {"scores": aux["scores"][:, -1]}
+
