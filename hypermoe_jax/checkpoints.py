@@ -1,0 +1,146 @@
+"""Orbax checkpoints of the train state: async, keep-N, exact resume.
+
+A checkpoint at step ``n`` holds the full ``TrainState`` (step, params, optimizer state, the
+non-trainable ``frozen`` collection, rng) and a JSON record with the data position (batches
+consumed) and run metadata, so a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import struct
+
+Array = jax.Array
+
+
+@struct.dataclass
+class TrainState:
+    step: Array
+    params: Any
+    opt_state: Any
+    flax_mutables: Any  # non-trainable collections (e.g. ``frozen``); saved, never optimised
+    rng: Array
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model it is restored into."""
+
+
+def _describe_mismatch(target, found) -> str:
+    tgt = {jax.tree_util.keystr(k): getattr(v, "shape", None)
+           for k, v in jax.tree_util.tree_leaves_with_path(target)}
+    got = {jax.tree_util.keystr(k): getattr(v, "shape", None)
+           for k, v in jax.tree_util.tree_leaves_with_path(found)}
+    lines = []
+    for k in sorted(set(tgt) - set(got))[:5]:
+        lines.append(f"  missing in checkpoint: {k} {tgt[k]}")
+    for k in sorted(set(got) - set(tgt))[:5]:
+        lines.append(f"  not in model: {k} {got[k]}")
+    for k in sorted(set(tgt) & set(got)):
+        if tuple(tgt[k] or ()) != tuple(got[k] or ()):
+            lines.append(f"  shape differs at {k}: model {tgt[k]} vs checkpoint {got[k]}")
+            if len(lines) > 10:
+                break
+    return "\n".join(lines)
+
+
+class Checkpointer:
+    """Thin wrapper over ``ocp.CheckpointManager`` (items ``state`` and ``meta``)."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, meta: dict[str, Any], force: bool = False) -> bool:
+        step = int(jax.device_get(state.step))
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state: TrainState, step: int | None = None):
+        """Restores ``(state, meta)``; ``abstract_state`` gives structure, shapes and shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}")
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointMismatchError(
+                f"Checkpoint {self.directory}/{step} does not match the model: {e}"
+            ) from e
+        return restored.state, restored.meta
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(path: str | os.PathLike, abstract_params, abstract_mutables=None):
+    """Loads only ``params`` (and ``flax_mutables``) from a checkpoint step directory or a run
+    directory (latest step), for fine-tuning from a pretrained checkpoint. Raises
+    ``CheckpointMismatchError`` naming the differing parameters when shapes do not match."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"INITIAL_CHECKPOINT_PATH {path} does not exist.")
+    if (path / "state").is_dir():
+        state_dir = path / "state"
+    else:
+        steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+        if not steps:
+            raise FileNotFoundError(
+                f"{path} holds no checkpoint (expected a step directory like {path}/1000 or a "
+                "run directory containing step directories)."
+            )
+        state_dir = path / str(steps[-1]) / "state"
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(state_dir)
+    tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+    found = {"params": tree["params"], "flax_mutables": tree.get("flax_mutables") or {}}
+    target = {"params": abstract_params, "flax_mutables": abstract_mutables or {}}
+    problems = _describe_mismatch(target, found)
+    if problems:
+        raise CheckpointMismatchError(
+            f"Checkpoint {state_dir} does not match the model:\n{problems}\n"
+            "Check that the model gin (sizes, number of experts, variant) matches the one the "
+            "checkpoint was trained with."
+        )
+    full = ckptr.restore(state_dir)
+    params = jax.tree.map(
+        lambda a, t: jax.device_put(a, getattr(t, "sharding", None)), full["params"],
+        abstract_params,
+    )
+    mutables = full.get("flax_mutables") or {}
+    if abstract_mutables:
+        mutables = jax.tree.map(
+            lambda a, t: jax.device_put(a, getattr(t, "sharding", None)), mutables,
+            abstract_mutables,
+        )
+    return params, mutables
