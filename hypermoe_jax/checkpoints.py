@@ -31,21 +31,29 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model it is restored into."""
 
 
-def _describe_mismatch(target, found) -> str:
-    tgt = {jax.tree_util.keystr(k): getattr(v, "shape", None)
-           for k, v in jax.tree_util.tree_leaves_with_path(target)}
-    got = {jax.tree_util.keystr(k): getattr(v, "shape", None)
-           for k, v in jax.tree_util.tree_leaves_with_path(found)}
+def _shapes_by_path(tree) -> dict[str, tuple | None]:
+    return {jax.tree_util.keystr(k): getattr(v, "shape", None)
+            for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _tree_diff(target, found) -> tuple[list[str], list[str], list[str]]:
+    """(paths missing in ``found``, paths only in ``found``, paths whose shapes differ)."""
+    tgt, got = _shapes_by_path(target), _shapes_by_path(found)
+    missing = sorted(set(tgt) - set(got))
+    unexpected = sorted(set(got) - set(tgt))
+    differ = [k for k in sorted(set(tgt) & set(got)) if tuple(tgt[k] or ()) != tuple(got[k] or ())]
+    return missing, unexpected, differ
+
+
+def _describe_mismatch(target, found, *, ignore_missing: bool = False) -> str:
+    tgt, got = _shapes_by_path(target), _shapes_by_path(found)
+    missing, unexpected, differ = _tree_diff(target, found)
     lines = []
-    for k in sorted(set(tgt) - set(got))[:5]:
-        lines.append(f"  missing in checkpoint: {k} {tgt[k]}")
-    for k in sorted(set(got) - set(tgt))[:5]:
-        lines.append(f"  not in model: {k} {got[k]}")
-    for k in sorted(set(tgt) & set(got)):
-        if tuple(tgt[k] or ()) != tuple(got[k] or ()):
-            lines.append(f"  shape differs at {k}: model {tgt[k]} vs checkpoint {got[k]}")
-            if len(lines) > 10:
-                break
+    if not ignore_missing:
+        lines += [f"  missing in checkpoint: {k} {tgt[k]}" for k in missing[:5]]
+    lines += [f"  not in model: {k} {got[k]}" for k in unexpected[:5]]
+    lines += [f"  shape differs at {k}: model {tgt[k]} vs checkpoint {got[k]}"
+              for k in differ[:10]]
     return "\n".join(lines)
 
 
@@ -103,10 +111,19 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(path: str | os.PathLike, abstract_params, abstract_mutables=None):
+def restore_params(path: str | os.PathLike, abstract_params, abstract_mutables=None, *,
+                   fallback_params=None, fallback_mutables=None):
     """Loads only ``params`` (and ``flax_mutables``) from a checkpoint step directory or a run
-    directory (latest step), for fine-tuning from a pretrained checkpoint. Raises
-    ``CheckpointMismatchError`` naming the differing parameters when shapes do not match."""
+    directory (latest step), for fine-tuning from a pretrained checkpoint.
+
+    Raises ``CheckpointMismatchError`` naming the differing parameters when the trees do not
+    match. With ``fallback_params`` (and ``fallback_mutables``) -- freshly initialised values of
+    the same trees -- parameters the checkpoint lacks keep those values instead (e.g. a HyperMoE
+    model fine-tuned from a Switch checkpoint: the HyperExpert generator starts from its
+    initialisation); parameters only in the checkpoint, or of another shape, are still errors.
+    Returns ``(params, mutables, missing)``: ``missing`` lists the paths that kept their
+    initialisation.
+    """
     path = Path(path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"INITIAL_CHECKPOINT_PATH {path} does not exist.")
@@ -125,22 +142,32 @@ def restore_params(path: str | os.PathLike, abstract_params, abstract_mutables=N
     tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     found = {"params": tree["params"], "flax_mutables": tree.get("flax_mutables") or {}}
     target = {"params": abstract_params, "flax_mutables": abstract_mutables or {}}
-    problems = _describe_mismatch(target, found)
+    allow_missing = fallback_params is not None
+    problems = _describe_mismatch(target, found, ignore_missing=allow_missing)
     if problems:
+        hint = "" if allow_missing else (
+            " If the model adds parameters to the checkpoint's architecture (e.g. HyperMoE "
+            "fine-tuned from Switch), set INITIAL_CHECKPOINT_ALLOW_MISSING = True to initialise "
+            "them from scratch.")
         raise CheckpointMismatchError(
             f"Checkpoint {state_dir} does not match the model:\n{problems}\n"
             "Check that the model gin (sizes, number of experts, variant) matches the one the "
-            "checkpoint was trained with."
+            f"checkpoint was trained with.{hint}"
         )
+    missing, _, _ = _tree_diff(target, found)
     full = ckptr.restore(state_dir)
-    params = jax.tree.map(
-        lambda a, t: jax.device_put(a, getattr(t, "sharding", None)), full["params"],
-        abstract_params,
-    )
-    mutables = full.get("flax_mutables") or {}
-    if abstract_mutables:
-        mutables = jax.tree.map(
-            lambda a, t: jax.device_put(a, getattr(t, "sharding", None)), mutables,
-            abstract_mutables,
-        )
-    return params, mutables
+    loaded = {"params": full["params"], "flax_mutables": full.get("flax_mutables") or {}}
+    fallback = {"params": fallback_params, "flax_mutables": fallback_mutables or {}}
+    loaded_by_path = {jax.tree_util.keystr(k): v
+                      for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+
+    def pick(key_path, abstract, fb=None):
+        key = jax.tree_util.keystr(key_path)
+        value = loaded_by_path[key] if key in loaded_by_path else fb
+        return jax.device_put(value, getattr(abstract, "sharding", None))
+
+    if allow_missing:
+        merged = jax.tree_util.tree_map_with_path(pick, target, fallback)
+    else:
+        merged = jax.tree_util.tree_map_with_path(pick, target)
+    return merged["params"], merged["flax_mutables"], missing

@@ -11,6 +11,13 @@ Sizes (T5 v1.1; d_kv = 64 except tiny):
     base   768   2048  12     12 + 12
     large  1024  2816  16     24 + 24
 
+Decoder-only LM sizes (``decoder_only``; the encoder fields are unused):
+
+    lm_tiny   128  256   4 (d_kv 32)  4     (the CPU quickstart)
+    lm_small  256  512   8            4     (HyperRouter's / SMoE-Dropout's Transformer-XL base
+                                             on enwik8 / text8 / WikiText-103: 4 layers, every
+                                             layer an MoE of 16 experts)
+
 Sparse models put an MoE layer in every ``sparse_step``-th block (2 = every other block, as
 Switch), encoder and decoder. ``*_base_8`` use tied input/output embeddings: that is the
 google/switch-base-8 checkpoint's arrangement (HF ``tie_word_embeddings=True``, logits scaled by
@@ -20,6 +27,7 @@ d^-0.5) and what its published ~620M parameter count includes; untied (T5 v1.1) 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -38,6 +46,10 @@ SIZES: dict[str, dict[str, int]] = {
                  num_decoder_layers=12),
     "large": dict(emb_dim=1024, mlp_dim=2816, num_heads=16, head_dim=64, num_encoder_layers=24,
                   num_decoder_layers=24),
+    "lm_tiny": dict(emb_dim=128, mlp_dim=256, num_heads=4, head_dim=32, num_encoder_layers=0,
+                    num_decoder_layers=4),
+    "lm_small": dict(emb_dim=256, mlp_dim=512, num_heads=8, head_dim=64, num_encoder_layers=0,
+                     num_decoder_layers=4),
 }
 T5_VOCAB_SIZE = 32128  # the T5 SentencePiece vocabulary (32000) padded to a multiple of 128
 
@@ -76,6 +88,29 @@ def t5_1_1(
 def moe(variant: str = "switch", num_experts: int = 8, **overrides: Any) -> transformer.MoeConfig:
     """An MoE config for ``variant`` (switch, hypermoe, hyperrouter, smoe_dropout, moe_share)."""
     return transformer.MoeConfig(variant=variant, num_experts=num_experts, **overrides)
+
+
+def moe_overrides(
+    *,
+    jitter_noise: float = 0.0,
+    train_capacity_factor: float = 1.25,
+    eval_capacity_factor: float = 2.0,
+    options: dict[str, Any] | None = None,
+    hyper_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``MoeConfig`` keyword arguments from the model gins' macros (``options``: any other
+    ``MoeConfig`` field; ``hyper_options``: ``MoeConfig.hyper_options``)."""
+    options = dict(options or {})
+    known = {f.name for f in dataclasses.fields(transformer.MoeConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown MoE option(s) {unknown} in MOE_OPTIONS; MoeConfig fields are "
+            f"{sorted(known - {'variant', 'num_experts', 'num_selected'})}. HyperMoE / "
+            "HyperRouter / MoE-Share sizes go into HYPER_OPTIONS.")
+    return dict(jitter_noise=jitter_noise, train_capacity_factor=train_capacity_factor,
+                eval_capacity_factor=eval_capacity_factor,
+                hyper_options=dict(hyper_options or {}), **options)
 
 
 def sparse_t5(

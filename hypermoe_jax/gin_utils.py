@@ -11,7 +11,9 @@ it and how to set it -- instead of gin's silent sentinel or an obscure error dee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -149,6 +151,26 @@ def check_required_macros(files: Sequence[Path]) -> None:
         raise GinConfigError("Required gin macros are not set:\n" + "\n".join(lines))
 
 
+class _DropGinProbeErrors(logging.Filter):
+    """gin logs ``Path not found`` at ERROR level for every search-path prefix an include is
+    not under (it tries each in turn); those probes are not errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.pathname.endswith("resource_reader.py")
+                    and str(record.msg).startswith("Path not found"))
+
+
+@contextlib.contextmanager
+def _quiet_gin_probes():
+    root = logging.getLogger()
+    filt = _DropGinProbeErrors()
+    root.addFilter(filt)
+    try:
+        yield
+    finally:
+        root.removeFilter(filt)
+
+
 def parse(
     gin_files: Sequence[str],
     bindings: Sequence[str] = (),
@@ -168,7 +190,10 @@ def parse(
     seen: set[Path] = set()
     all_files = [g for f in resolved for g in _included_files(f, paths, seen)]
     try:
-        gin.parse_config_files_and_bindings([str(f) for f in resolved], list(bindings))
+        with _quiet_gin_probes():
+            gin.parse_config_files_and_bindings(
+                [str(f) for f in resolved], list(bindings), finalize_config=False
+            )
     except (ValueError, ImportError, AttributeError, SyntaxError) as e:
         raise GinConfigError(f"Could not parse gin config: {e}") from e
     check_required_macros(all_files)

@@ -76,7 +76,7 @@ class KSchedule:
     """SMoE-Dropout's growing number of experts per token:
     ``k_t = round((k_max - k_min) * t / total_steps) + k_min`` (k_max: the layers' num_selected)."""
 
-    total_steps: int
+    total_steps: int | None
     k_min: int = 1
     k_max: int | None = None
 
@@ -312,6 +312,10 @@ class BaseTransformerModel:
         if self.k_schedule is None or step is None:
             return None
         sched = self.k_schedule
+        if sched.total_steps is None:
+            raise ValueError(
+                "KSchedule.total_steps is None: training with a growing k needs the length of "
+                "the schedule (model gins bind it to TRAIN_STEPS).")
         k_max = sched.k_max or self.config.moe.num_selected
         return routing.linear_k_schedule(step, sched.total_steps, sched.k_min, k_max)
 
@@ -337,6 +341,7 @@ class BaseTransformerModel:
         weights = batch.get("decoder_loss_weights")
         weights = (targets > 0) if weights is None else weights
         weights = weights.astype(jnp.float32)
+        token_weights = weights
         factor, weights = loss_normalizing_factor_and_weights(
             self.loss_normalizing_factor, targets, weights
         )
@@ -357,9 +362,16 @@ class BaseTransformerModel:
         num_tokens = jnp.sum(batch["decoder_target_tokens"] > 0).astype(jnp.float32)
         weight_sum = jnp.sum(weights)
         correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        # Negative log-likelihood per weighted target token in bits (no label smoothing, no
+        # z-loss, whatever the normalising factor): bits per character for byte-level tasks.
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        token_weight_sum = jnp.maximum(jnp.sum(token_weights), 1e-9)
+        ce_per_token = jnp.sum(nll * token_weights) / token_weight_sum
         metrics = {
             "loss": total,
             "cross_ent_loss": loss - z_loss,
+            "bits_per_token": ce_per_token / np.log(2.0),
             "z_loss": z_loss,
             "accuracy": jnp.sum(correct * weights) / jnp.maximum(weight_sum, 1e-9),
             "num_real_target_tokens": num_tokens,

@@ -19,6 +19,8 @@ import dataclasses
 import importlib
 import json
 import math
+import os
+import re
 import signal
 import sys
 import time
@@ -372,13 +374,17 @@ def train(
     num_microbatches: int = 1,
     random_seed: int = 0,
     initial_checkpoint_path: str | None = None,
+    initial_checkpoint_allow_missing: bool = False,
     stop_after_steps: int | None = None,
     tensorboard: bool = True,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Pretrains or fine-tunes ``model`` (fine-tuning: ``initial_checkpoint_path`` set).
 
-    Resumes from the latest checkpoint in ``model_dir`` when there is one. ``stop_after_steps``
+    Resumes from the latest checkpoint in ``model_dir`` when there is one (the initial checkpoint
+    is then ignored). ``initial_checkpoint_allow_missing``: variables of the model that the
+    initial checkpoint lacks keep their initialisation (HyperMoE / MoE-Share fine-tuned from a
+    Switch checkpoint); without it any difference is an error. ``stop_after_steps``
     ends this process after that many steps (testing / time-sliced jobs) with a checkpoint.
     Returns a summary: final step, last loss, status (``done`` / ``preempted`` / ``stopped``).
     """
@@ -419,11 +425,17 @@ def train(
         variables = init(init_rng)
         params, mutables = _split_variables(variables)
         if initial_checkpoint_path and latest is None:
-            params, loaded_mut = ckpt_lib.restore_params(
-                initial_checkpoint_path, _abstract(params), _abstract(mutables) or None
+            fallback = initial_checkpoint_allow_missing
+            params, loaded_mut, missing = ckpt_lib.restore_params(
+                initial_checkpoint_path, _abstract(params), _abstract(mutables) or None,
+                fallback_params=params if fallback else None,
+                fallback_mutables=mutables if fallback else None,
             )
             mutables = loaded_mut or mutables
             say(f"Initialised from {initial_checkpoint_path}")
+            if missing:
+                say(f"  {len(missing)} variables not in the checkpoint start from their "
+                    f"initialisation: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         opt_state = jax.jit(tx.init)(params)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                            flax_mutables=mutables, rng=state_rng)
@@ -445,6 +457,7 @@ def train(
         last_good = latest
         status = "done"
         history: list[float] = []
+        last_eval: tuple[int, dict[str, Any]] | None = None
         t0, tokens = time.time(), 0
         end_step = total_steps if stop_after_steps is None else min(
             total_steps, step + stop_after_steps)
@@ -487,9 +500,10 @@ def train(
                     t0, tokens = time.time(), 0
                 if (train_eval_dataset_cfg is not None and eval_period
                         and step % eval_period == 0):
-                    em = evaluate_loss(model, state, train_eval_dataset_cfg, mesh, eval_steps)
-                    writer.write(step, "eval", em)
-                    say(_eval_line(step, em))
+                    last_eval = (step, evaluate_loss(model, state, train_eval_dataset_cfg, mesh,
+                                                     eval_steps))
+                    writer.write(step, "eval", last_eval[1])
+                    say(_eval_line(step, last_eval[1]))
                 if step % checkpoint_period == 0 and step != end_step:
                     save()
                 if preempt.requested:
@@ -508,9 +522,12 @@ def train(
                                                    model_dir_p)
             writer.write(step, "infer_eval", summary["infer_eval"])
         if status == "done" and train_eval_dataset_cfg is not None:
-            em = evaluate_loss(model, state, train_eval_dataset_cfg, mesh, eval_steps)
-            writer.write(step, "eval", em)
-            say(_eval_line(step, em))
+            if last_eval is not None and last_eval[0] == step:
+                em = last_eval[1]  # the periodic eval just ran on these parameters
+            else:
+                em = evaluate_loss(model, state, train_eval_dataset_cfg, mesh, eval_steps)
+                writer.write(step, "eval", em)
+                say(_eval_line(step, em))
             summary["eval"] = {k: np.asarray(v).tolist() for k, v in em.items()}
         writer.close()
         ckptr.close()
@@ -519,7 +536,7 @@ def train(
 
 def _progress_line(step, total, m) -> str:
     parts = [f"step {step}/{total}", f"loss {float(m['loss']):.4f}"]
-    for key in ("bits_per_token", "bits_per_char", "accuracy", "aux_loss"):
+    for key in ("bits_per_token", "accuracy", "moe/load_balance_loss"):
         for k in m:
             if k.endswith(key) and np.ndim(m[k]) == 0:
                 parts.append(f"{k} {float(m[k]):.4f}")
@@ -532,8 +549,13 @@ def _progress_line(step, total, m) -> str:
 
 
 def _eval_line(step, m) -> str:
-    items = [f"{k} {float(v):.4f}" for k, v in sorted(m.items()) if np.ndim(v) == 0]
-    return f"eval @ step {step}: " + "  ".join(items)
+    """Scalar metrics on one line (per-layer MoE metrics as expert-usage lines below it)."""
+    items = [f"{k} {float(v):.4f}" for k, v in sorted(m.items())
+             if np.ndim(v) == 0 and not _PER_LAYER.match(k)]
+    return "\n".join([f"eval @ step {step}: " + "  ".join(items), *_fmt_usage(m)])
+
+
+_PER_LAYER = re.compile(r"^moe/[^/]+/layer_\d+/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,14 +563,21 @@ def _eval_line(step, m) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_loss(model, state, cfg: DatasetConfig, mesh, max_batches: int | None):
-    """Mean of ``model.eval_fn`` metrics over up to ``max_batches`` batches (one pass)."""
+def evaluate_loss(model, state, cfg: DatasetConfig, mesh, max_batches: int | None,
+                  active_k: int | None = None):
+    """Mean of ``model.eval_fn`` metrics over up to ``max_batches`` batches (one pass).
+
+    ``active_k``: experts per token (any-k inference); None = the model's ``eval_active_k``.
+    """
     ds = get_dataset(cfg, model.FEATURE_CONVERTER_CLS, shard_id=jax.process_index(),
                      num_shards=jax.process_count(), num_epochs=1)
-
-    @jax.jit
-    def eval_step(params, mutables, batch):
-        return model.eval_fn(params, batch, flax_mutables=mutables)
+    if active_k is None:
+        eval_step = _eval_step(model, with_k=False)
+    else:
+        # k is a traced argument: one compilation serves every k of a sweep.
+        k_step = _eval_step(model, with_k=True)
+        k = jnp.asarray(active_k, jnp.int32)
+        eval_step = lambda p, m, b: k_step(p, m, b, k)
 
     sums: dict[str, Any] = {}
     n = 0
@@ -565,6 +594,23 @@ def evaluate_loss(model, state, cfg: DatasetConfig, mesh, max_batches: int | Non
             f"of {cfg.batch_size}; check the data or lower the eval batch size."
         )
     return {k: v / n for k, v in sums.items()}
+
+
+_EVAL_STEPS: dict[tuple[int, bool], tuple[Any, Callable]] = {}
+
+
+def _eval_step(model, with_k: bool) -> Callable:
+    """The jitted ``eval_fn`` of ``model`` -- ``(params, mutables, batch)``, or with ``with_k``
+    ``(params, mutables, batch, k)`` with k traced -- made once per model, so periodic evals and
+    k sweeps reuse one compilation."""
+    key = (id(model), with_k)
+    if key not in _EVAL_STEPS or _EVAL_STEPS[key][0] is not model:
+        if with_k:
+            fn = jax.jit(lambda p, m, b, k: model.eval_fn(p, b, flax_mutables=m, active_k=k))
+        else:
+            fn = jax.jit(lambda p, m, b: model.eval_fn(p, b, flax_mutables=m))
+        _EVAL_STEPS[key] = (model, fn)
+    return _EVAL_STEPS[key][1]
 
 
 def _decode(vocab, tokens) -> str:
@@ -639,7 +685,7 @@ def _restore_for_eval(model, cfg: DatasetConfig, checkpoint_path: str, mesh):
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
         params, mutables = _split_variables(abstract)
-        params, mutables = ckpt_lib.restore_params(checkpoint_path, params, mutables or None)
+        params, mutables, _ = ckpt_lib.restore_params(checkpoint_path, params, mutables or None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
                       flax_mutables=mutables, rng=jax.random.PRNGKey(0))
 
@@ -647,22 +693,46 @@ def _restore_for_eval(model, cfg: DatasetConfig, checkpoint_path: str, mesh):
 @gin.configurable
 def evaluate(*, model, dataset_cfg: DatasetConfig, checkpoint_path: str, output_dir: str,
              mesh_shape: Sequence[int] = (-1, 1, 1), eval_steps: int | None = None,
-             infer: bool = True) -> dict[str, Any]:
+             infer: bool = True, active_k_values: Sequence[int] | None = None
+             ) -> dict[str, Any]:
     """Loss metrics (``eval_fn``) and, with ``infer``, seqio metrics of decoded predictions of a
-    checkpoint; writes ``eval_metrics.json`` (and predictions) to ``output_dir``."""
+    checkpoint; writes ``eval_metrics.json`` (and predictions) to ``output_dir``.
+
+    ``active_k_values`` (e.g. ``(1, 2, 4, 8, 16)``): also evaluates the loss metrics with each
+    number of experts per token from the same parameters (SMoE-Dropout / HyperRouter any-k
+    inference), under ``result['active_k'][str(k)]``.
+    """
     mesh = part.make_mesh(*mesh_shape)
     out = Path(output_dir)
     state = _restore_for_eval(model, dataset_cfg, checkpoint_path, mesh)
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     with part.axis_rules(mesh):
         result = {k: np.asarray(v).tolist()
                   for k, v in evaluate_loss(model, state, dataset_cfg, mesh, eval_steps).items()}
+        say(_eval_line(0, {k: v for k, v in result.items() if np.ndim(v) == 0}))
+        if active_k_values:
+            num_selected = model.config.moe.num_selected if model.config.moe else 1
+            bad = [k for k in active_k_values if not 1 <= int(k) <= num_selected]
+            if bad:
+                raise RunError(
+                    f"active_k_values {list(active_k_values)} contain {bad}: the model routes "
+                    f"at most num_selected={num_selected} experts per token. Use values in "
+                    f"[1, {num_selected}] or a model with a larger NUM_SELECTED.")
+            result["active_k"] = {}
+            for k in active_k_values:
+                em = evaluate_loss(model, state, dataset_cfg, mesh, eval_steps, active_k=int(k))
+                result["active_k"][str(int(k))] = {n: np.asarray(v).tolist()
+                                                   for n, v in em.items()}
+                say(f"  k={int(k):<3d} " + "  ".join(
+                    f"{n} {float(em[n]):.4f}" for n in ("loss", "bits_per_token", "accuracy")
+                    if n in em))
         task = get_task(dataset_cfg.mixture_or_task_name, dataset_cfg.module)
         if infer and task.metric_fns:
-            result.update(infer_evaluate(model, state, dataset_cfg, mesh, out, eval_steps))
+            infer_metrics = infer_evaluate(model, state, dataset_cfg, mesh, out, eval_steps)
+            result.update(infer_metrics)
+            say(_eval_line(0, infer_metrics))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_metrics.json").write_text(json.dumps(result, indent=2))
-    if jax.process_index() == 0:
-        print(_eval_line(0, {k: v for k, v in result.items() if np.ndim(v) == 0}))
     return result
 
 
@@ -697,14 +767,30 @@ def run(fn: Callable[[], Any] = gin.REQUIRED):
     return fn()
 
 
-def _maybe_initialize_distributed(argv: list[str]) -> list[str]:
-    rest = []
-    multi = False
-    for a in argv:
-        if a in ("--multiprocess", "--multiprocess_gpu"):
-            multi = True
-        else:
-            rest.append(a)
+def _multihost_environment(env: Mapping[str, str]) -> bool:
+    """Whether the environment describes one process of a multi-host job: a TPU pod slice
+    (several ``TPU_WORKER_HOSTNAMES``), a SLURM job with several tasks, or an explicit
+    coordinator address (``JAX_COORDINATOR_ADDRESS``)."""
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return True
+    try:
+        if int(env.get("SLURM_NTASKS", "1")) > 1:
+            return True
+    except ValueError:
+        pass
+    return bool(env.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def _maybe_initialize_distributed(argv: list[str], env: Mapping[str, str] | None = None
+                                  ) -> list[str]:
+    """Calls ``jax.distributed.initialize()`` (before anything touches a device) with
+    ``--multiprocess`` or in a multi-host environment (``_multihost_environment``);
+    ``--single_process`` turns the detection off. Returns the other arguments."""
+    env = os.environ if env is None else env
+    flags = {"--multiprocess", "--multiprocess_gpu", "--single_process"}
+    rest = [a for a in argv if a not in flags]
+    multi = ("--single_process" not in argv) and (
+        bool(flags.intersection(argv) - {"--single_process"}) or _multihost_environment(env))
     if multi:
         jax.distributed.initialize()
     return rest
@@ -733,4 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this ``__main__`` copy: gin bindings and the error
+    # classes raised by the run functions belong to ``hypermoe_jax.train``.
+    from hypermoe_jax.train import main as _main
+
+    sys.exit(_main())

@@ -97,6 +97,11 @@ def test_loss_normalizing_factors_weights_and_score_batch():
     np.testing.assert_allclose(loss(loss_normalizing_factor=None), total, rtol=1e-5)
     np.testing.assert_allclose(loss(loss_normalizing_factor=10.0), total / 10, rtol=1e-5)
     np.testing.assert_allclose(loss(), total / weights.sum(), rtol=1e-5)  # NUM_REAL_TARGET_TOKENS
+    # bits_per_token: the weighted NLL per token in bits, untouched by label smoothing / z-loss.
+    smoothed = models.EncoderDecoderModel(module, label_smoothing=0.1, z_loss=1e-2,
+                                          loss_normalizing_factor=None)
+    _, m = jax.jit(lambda p: smoothed.eval_fn(p, batch, flax_mutables=mutables))(params)
+    np.testing.assert_allclose(m["bits_per_token"], total / weights.sum() / np.log(2), rtol=1e-5)
     per_seq = -np.asarray(inter["token_scores"]).sum(-1) / weights.sum(-1)
     np.testing.assert_allclose(loss(loss_normalizing_factor="AVERAGE_PER_SEQUENCE"),
                                per_seq.sum() / 4, rtol=1e-5)
