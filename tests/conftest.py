@@ -9,12 +9,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices; import jax only after conftest"
 
 
-def pytest_collection_finish(session):
-    # An empty selection is an error here, never a silent "no tests ran".
-    if not session.items:
-        raise RuntimeError("No tests were collected; check the test paths and -k expression.")
+def pytest_sessionfinish(session, exitstatus):
+    # An empty selection is a failure here, never pytest's "no tests ran" (exit 5).
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        print("\nerror: no tests were collected; check the test paths and the -k expression.")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
