@@ -17,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
-
-import gin
 
 
 @gin.configurable

@@ -26,9 +26,9 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import gin
 import seqio
 
-import gin
 from hypermoe_jax import data as data_lib
 
 T5_SPM_ENV = "HYPERMOE_T5_SPM"
