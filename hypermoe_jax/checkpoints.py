@@ -8,6 +8,7 @@ consumed) and run metadata, so a resumed run continues bit-identically.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,19 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+
+    def set_aside(self, step: int) -> Path:
+        """Moves checkpoint ``step`` out of the managed directory (to ``<directory>_set_aside/
+        <step>``, kept, never deleted), so that the latest checkpoint is the one before it."""
+        self.manager.wait_until_finished()
+        dest_root = self.directory.parent / f"{self.directory.name}_set_aside"
+        dest_root.mkdir(parents=True, exist_ok=True)
+        dest = dest_root / str(step)
+        if dest.exists():
+            dest = dest_root / f"{step}.{int(time.time())}"
+        os.replace(self.directory / str(step), dest)
+        self.manager.reload()
+        return dest
 
     def restore(self, abstract_state: TrainState, step: int | None = None):
         """Restores ``(state, meta)``; ``abstract_state`` gives structure, shapes and shardings."""

@@ -28,13 +28,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-import gin
 from hypermoe_jax import checkpoints as ckpt_lib
 from hypermoe_jax import gin_utils, optimizers
 from hypermoe_jax import partitioning as part
@@ -110,15 +110,20 @@ def get_dataset(
     task = get_task(cfg.mixture_or_task_name, cfg.module)
     if cfg.batch_size % num_shards:
         raise RunError(f"batch_size {cfg.batch_size} is not divisible by {num_shards} hosts.")
-    ds = task.get_dataset(
-        sequence_length=dict(cfg.task_feature_lengths),
-        split=cfg.split,
-        use_cached=cfg.use_cached,
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        num_epochs=num_epochs,
-        shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
-    )
+    try:
+        ds = task.get_dataset(
+            sequence_length=dict(cfg.task_feature_lengths),
+            split=cfg.split,
+            use_cached=cfg.use_cached,
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            num_epochs=num_epochs,
+            shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
+        )
+    except ValueError as e:  # e.g. an empty or unknown split
+        raise RunError(
+            f"Cannot read dataset {cfg.mixture_or_task_name!r} split {cfg.split!r}: {e}"
+        ) from e
     converter = feature_converter_cls(pack=cfg.pack)
     ds = converter(ds, dict(cfg.task_feature_lengths))
     ds = ds.batch(cfg.batch_size // num_shards, drop_remainder=True)
@@ -188,6 +193,23 @@ def _abstract(tree):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         tree,
     )
+
+
+def _make_mesh(mesh_shape: Sequence[int], model) -> jax.sharding.Mesh:
+    """The (data, expert, model) mesh of ``MESH_SHAPE``; RunError when it does not fit the
+    devices or the model's expert count."""
+    try:
+        mesh = part.make_mesh(*mesh_shape)
+    except (ValueError, TypeError) as e:
+        raise RunError(f"MESH_SHAPE {tuple(mesh_shape)}: {e}") from None
+    moe = getattr(getattr(model, "config", None), "moe", None)
+    n_expert = part.mesh_axis_size(mesh, part.EXPERT)
+    if moe is not None and moe.num_experts % n_expert:
+        raise RunError(
+            f"NUM_EXPERTS={moe.num_experts} is not divisible by the mesh's expert axis "
+            f"({n_expert}, MESH_SHAPE {tuple(mesh_shape)} -> {dict(mesh.shape)}); choose an "
+            "expert-parallel size that divides the number of experts.")
+    return mesh
 
 
 class _Initializer:
@@ -393,7 +415,7 @@ def train(
     model_dir_p = Path(model_dir)
     model_dir_p.mkdir(parents=True, exist_ok=True)
     optimizer = optimizer or optimizers.make_optimizer()
-    mesh = part.make_mesh(*mesh_shape)
+    mesh = _make_mesh(mesh_shape, model)
     say = print if (verbose and jax.process_index() == 0) else (lambda *a, **k: None)
 
     converter = model.FEATURE_CONVERTER_CLS
@@ -403,6 +425,11 @@ def train(
     probe = get_dataset(train_dataset_cfg, converter, shard_id=jax.process_index(),
                         num_shards=jax.process_count())
     first, _ = _first_batch(probe, train_dataset_cfg)
+    # The eval data too, before any training: a split too small for one batch is bad input.
+    for eval_cfg in (train_eval_dataset_cfg, infer_eval_dataset_cfg):
+        if eval_cfg is not None:
+            _first_batch(get_dataset(eval_cfg, converter, shard_id=jax.process_index(),
+                                     num_shards=jax.process_count(), num_epochs=1), eval_cfg)
     global_bs = train_dataset_cfg.batch_size
     input_shapes = {k: (global_bs, *np.shape(v)[1:]) for k, v in first.items()}
     input_types = {k: np.asarray(v).dtype for k, v in first.items()}
@@ -437,8 +464,12 @@ def train(
                 say(f"  {len(missing)} variables not in the checkpoint start from their "
                     f"initialisation: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         opt_state = jax.jit(tx.init)(params)
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                           flax_mutables=mutables, rng=state_rng)
+        # step and rng replicated on the mesh, as train_step returns them: otherwise the second
+        # step sees new input shardings and compiles train_step again.
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                           params=params, opt_state=opt_state, flax_mutables=mutables,
+                           rng=jax.device_put(state_rng, replicated))
         batches_consumed = 0
         if latest is not None:
             state, meta = ckptr.restore(_abstract(state))
@@ -452,86 +483,103 @@ def train(
                          num_shards=jax.process_count(), skip_batches=batches_consumed)
         it = ds.as_numpy_iterator()
         writer = MetricsWriter(model_dir_p, tensorboard=tensorboard)
-        step = int(state.step)
-        start_step = step
-        last_good = latest
-        status = "done"
-        history: list[float] = []
-        last_eval: tuple[int, dict[str, Any]] | None = None
-        t0, tokens = time.time(), 0
-        end_step = total_steps if stop_after_steps is None else min(
-            total_steps, step + stop_after_steps)
+        try:
+            step = int(state.step)
+            start_step = step
+            status = "done"
+            history: list[float] = []
+            last_eval: tuple[int, dict[str, Any]] | None = None
+            t0, tokens = time.time(), 0
+            end_step = total_steps if stop_after_steps is None else min(
+                total_steps, step + stop_after_steps)
 
-        def save(force=False):
-            nonlocal last_good
-            ckptr.save(state, {"batches_consumed": batches_consumed, "step": step}, force=force)
-            last_good = step
+            def save(force=False):
+                ckptr.save(state, {"batches_consumed": batches_consumed, "step": step}, force=force)
 
-        with _Preemption() as preempt:
-            while step < end_step:
-                try:
-                    host_batch = next(it)
-                except StopIteration:
-                    raise RunError(
-                        f"Training data ran out after {batches_consumed} batches; the train "
-                        "dataset should repeat (num_epochs=None)."
-                    ) from None
-                tokens += _num_target_tokens(host_batch)
-                batch = _to_global(host_batch, mesh)
-                state, metrics = step_fn(state, batch)
-                batches_consumed += 1
-                step += 1
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    ckptr.wait()
-                    raise NonFiniteLossError(
-                        f"Loss became {loss} at step {step}; stopping. The last good checkpoint "
-                        f"is step {last_good} in {ckptr.directory} (kept). Lower the learning "
-                        "rate, enable gradient clipping, or check the data."
-                    )
-                history.append(loss)
-                if step % log_every == 0 or step == end_step:
-                    m = _compute_metrics(metrics)
-                    dt = max(time.time() - t0, 1e-9)
-                    m["tokens_per_second"] = tokens / dt
-                    m["learning_rate"] = float(optimizer.lr_at(step - 1))
-                    writer.write(step, "train", m)
-                    say(_progress_line(step, total_steps, m))
-                    t0, tokens = time.time(), 0
-                if (train_eval_dataset_cfg is not None and eval_period
-                        and step % eval_period == 0):
-                    last_eval = (step, evaluate_loss(model, state, train_eval_dataset_cfg, mesh,
-                                                     eval_steps))
-                    writer.write(step, "eval", last_eval[1])
-                    say(_eval_line(step, last_eval[1]))
-                if step % checkpoint_period == 0 and step != end_step:
-                    save()
-                if preempt.requested:
-                    status = "preempted"
-                    say(f"SIGTERM received: saving checkpoint at step {step} and stopping.")
-                    break
-        if step > start_step or latest is None:
-            save(force=True)
-        ckptr.wait()
-        if status == "done" and step < total_steps:
-            status = "stopped"
-        summary = {"step": step, "status": status, "losses": history,
-                   "checkpoint_dir": str(ckptr.directory)}
-        if status == "done" and infer_eval_dataset_cfg is not None:
-            summary["infer_eval"] = infer_evaluate(model, state, infer_eval_dataset_cfg, mesh,
-                                                   model_dir_p)
-            writer.write(step, "infer_eval", summary["infer_eval"])
-        if status == "done" and train_eval_dataset_cfg is not None:
-            if last_eval is not None and last_eval[0] == step:
-                em = last_eval[1]  # the periodic eval just ran on these parameters
-            else:
-                em = evaluate_loss(model, state, train_eval_dataset_cfg, mesh, eval_steps)
-                writer.write(step, "eval", em)
-                say(_eval_line(step, em))
-            summary["eval"] = {k: np.asarray(v).tolist() for k, v in em.items()}
-        writer.close()
-        ckptr.close()
+            with _Preemption() as preempt:
+                while step < end_step:
+                    try:
+                        host_batch = next(it)
+                    except StopIteration:
+                        raise RunError(
+                            f"Training data ran out after {batches_consumed} batches; the train "
+                            "dataset should repeat (num_epochs=None)."
+                        ) from None
+                    tokens += _num_target_tokens(host_batch)
+                    batch = _to_global(host_batch, mesh)
+                    state, metrics = step_fn(state, batch)
+                    batches_consumed += 1
+                    step += 1
+                    loss = float(metrics["loss"])
+                    if not math.isfinite(loss):
+                        raise NonFiniteLossError(_nonfinite_message(ckptr, loss, step, start_step))
+                    history.append(loss)
+                    if step % log_every == 0 or step == end_step:
+                        m = _compute_metrics(metrics)
+                        dt = max(time.time() - t0, 1e-9)
+                        m["tokens_per_second"] = tokens / dt
+                        m["learning_rate"] = float(optimizer.lr_at(step - 1))
+                        writer.write(step, "train", m)
+                        say(_progress_line(step, total_steps, m))
+                        t0, tokens = time.time(), 0
+                    if (train_eval_dataset_cfg is not None and eval_period
+                            and step % eval_period == 0):
+                        last_eval = (step, evaluate_loss(model, state, train_eval_dataset_cfg, mesh,
+                                                         eval_steps))
+                        writer.write(step, "eval", last_eval[1])
+                        say(_eval_line(f"eval @ step {step}", last_eval[1]))
+                    if step % checkpoint_period == 0 and step != end_step:
+                        save()
+                    if preempt.requested:
+                        status = "preempted"
+                        say(f"SIGTERM received: saving checkpoint at step {step} and stopping.")
+                        break
+            if step > start_step or latest is None:
+                save(force=True)
+            ckptr.wait()
+            if status == "done" and step < total_steps:
+                status = "stopped"
+            summary = {"step": step, "status": status, "losses": history,
+                       "checkpoint_dir": str(ckptr.directory)}
+            if status == "done" and infer_eval_dataset_cfg is not None:
+                summary["infer_eval"] = infer_evaluate(model, state, infer_eval_dataset_cfg, mesh,
+                                                       model_dir_p)
+                writer.write(step, "infer_eval", summary["infer_eval"])
+            if status == "done" and train_eval_dataset_cfg is not None:
+                if last_eval is not None and last_eval[0] == step:
+                    em = last_eval[1]  # the periodic eval just ran on these parameters
+                else:
+                    em = evaluate_loss(model, state, train_eval_dataset_cfg, mesh, eval_steps)
+                    writer.write(step, "eval", em)
+                    say(_eval_line(f"eval @ step {step}", em))
+                summary["eval"] = {k: np.asarray(v).tolist() for k, v in em.items()}
+        finally:
+            writer.close()
+            ckptr.close()
     return summary
+
+
+def _nonfinite_message(ckptr: ckpt_lib.Checkpointer, loss: float, step: int,
+                       start_step: int) -> str:
+    """The loss of step ``step`` is that of the parameters after ``step - 1`` steps: a
+    checkpoint of them (saved by this run) is set aside (moved, not deleted), so that a rerun
+    resumes from the last checkpoint whose parameters gave a finite loss."""
+    ckptr.wait()
+    bad = step - 1
+    note = ""
+    if bad in ckptr.all_steps():
+        if bad > start_step:
+            moved = ckptr.set_aside(bad)
+            note = (f" The checkpoint of step {bad} (those parameters) was moved to {moved}, so "
+                    "that a rerun resumes from the last good one.")
+        else:
+            note = f" This run resumed from the checkpoint of step {bad}, which gives this loss."
+    good = [s for s in ckptr.all_steps() if s < bad]
+    where = (f"The last good checkpoint is step {good[-1]} in {ckptr.directory} (kept)."
+             if good else f"No good checkpoint is left in {ckptr.directory}.")
+    return (f"Loss became {loss} at step {step} (the parameters after step {bad}); stopping. "
+            f"{where}{note} Lower the learning rate, enable gradient clipping, or check the "
+            "data.")
 
 
 def _progress_line(step, total, m) -> str:
@@ -548,11 +596,11 @@ def _progress_line(step, total, m) -> str:
     return "\n".join(lines)
 
 
-def _eval_line(step, m) -> str:
+def _eval_line(label: str, m) -> str:
     """Scalar metrics on one line (per-layer MoE metrics as expert-usage lines below it)."""
     items = [f"{k} {float(v):.4f}" for k, v in sorted(m.items())
              if np.ndim(v) == 0 and not _PER_LAYER.match(k)]
-    return "\n".join([f"eval @ step {step}: " + "  ".join(items), *_fmt_usage(m)])
+    return "\n".join([f"{label}: " + "  ".join(items), *_fmt_usage(m)])
 
 
 _PER_LAYER = re.compile(r"^moe/[^/]+/layer_\d+/")
@@ -585,8 +633,8 @@ def evaluate_loss(model, state, cfg: DatasetConfig, mesh, max_batches: int | Non
         if max_batches is not None and i >= max_batches:
             break
         _, metrics = eval_step(state.params, state.flax_mutables, _to_global(host_batch, mesh))
-        for k, v in _compute_metrics(metrics).items():
-            sums[k] = sums.get(k, 0.0) + v
+        for name, v in _compute_metrics(metrics).items():  # (not `k`: eval_step reads it)
+            sums[name] = sums.get(name, 0.0) + v
         n += 1
     if n == 0:
         raise RunError(
@@ -702,14 +750,14 @@ def evaluate(*, model, dataset_cfg: DatasetConfig, checkpoint_path: str, output_
     number of experts per token from the same parameters (SMoE-Dropout / HyperRouter any-k
     inference), under ``result['active_k'][str(k)]``.
     """
-    mesh = part.make_mesh(*mesh_shape)
+    mesh = _make_mesh(mesh_shape, model)
     out = Path(output_dir)
     state = _restore_for_eval(model, dataset_cfg, checkpoint_path, mesh)
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     with part.axis_rules(mesh):
         result = {k: np.asarray(v).tolist()
                   for k, v in evaluate_loss(model, state, dataset_cfg, mesh, eval_steps).items()}
-        say(_eval_line(0, {k: v for k, v in result.items() if np.ndim(v) == 0}))
+        say(_eval_line(f"eval of {checkpoint_path}", result))
         if active_k_values:
             num_selected = model.config.moe.num_selected if model.config.moe else 1
             bad = [k for k in active_k_values if not 1 <= int(k) <= num_selected]
@@ -730,7 +778,7 @@ def evaluate(*, model, dataset_cfg: DatasetConfig, checkpoint_path: str, output_
         if infer and task.metric_fns:
             infer_metrics = infer_evaluate(model, state, dataset_cfg, mesh, out, eval_steps)
             result.update(infer_metrics)
-            say(_eval_line(0, infer_metrics))
+            say(_eval_line("decoded predictions", infer_metrics))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_metrics.json").write_text(json.dumps(result, indent=2))
     return result
@@ -741,7 +789,7 @@ def infer(*, model, dataset_cfg: DatasetConfig, checkpoint_path: str, output_dir
           mesh_shape: Sequence[int] = (-1, 1, 1), max_batches: int | None = None
           ) -> dict[str, Any]:
     """Writes decoded predictions of a checkpoint to ``output_dir`` (JSONL) and their metrics."""
-    mesh = part.make_mesh(*mesh_shape)
+    mesh = _make_mesh(mesh_shape, model)
     out = Path(output_dir)
     state = _restore_for_eval(model, dataset_cfg, checkpoint_path, mesh)
     with part.axis_rules(mesh):

@@ -2,7 +2,6 @@
 model features; preprocessors and metrics against hand-computed cases."""
 
 import importlib
-import json
 import os
 import types
 
@@ -11,6 +10,8 @@ import pytest
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import PROSE as _PROSE
+from helpers import write_offline_cache as _write_offline_cache
 
 from hypermoe_jax import data as data_lib
 from hypermoe_jax import vocab as vocab_lib
@@ -20,12 +21,6 @@ from hypermoe_jax import vocab as vocab_lib
 # vocabulary is first used (they are resolved lazily, once per process).
 # ---------------------------------------------------------------------------------------------
 
-_PROSE = [
-    "Fellow citizens of the Senate and House of Representatives: the state of the union is strong.",
-    "We have met to consider the welfare of the people, the progress of commerce and the peace.",
-    "To be, or not to be, that is the question: whether tis nobler in the mind to suffer.",
-    "The slings and arrows of outrageous fortune, or to take arms against a sea of troubles.",
-]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,32 +52,6 @@ def local_data(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def _write_offline_cache(cache):
-    xml = ("<mediawiki><page><title>A</title><revision><text xml:space=\"preserve\">"
-           "'''Anarchism''' is a [[political philosophy|philosophy]] of 1 thing.\n" * 40
-           + "</text></revision></page></mediawiki>\n").encode()
-    contents = {}
-    for split, part in data_lib.split_bytes(xml).items():
-        contents[f"wiki/char/{split}.raw"] = part
-    for split, part in data_lib.split_bytes(data_lib.wikifil(xml)).items():
-        contents[f"wiki/text8/{split}.txt"] = part
-    contents["wiki/enwik8_sample.xml"] = xml
-    for name in ("sotu", "shakespeare"):
-        for split in data_lib.SPLITS:
-            contents[f"{name}/{split}.txt"] = "\n".join(_PROSE + ["", *_PROSE[:2], ""]) + "\n"
-    for sub in ("rotten_tomatoes", "uci"):
-        for split in data_lib.SPLITS:
-            contents[f"sentiment/{sub}/{split}.tsv"] = (
-                "positive\tA charming, funny film.\nnegative\tDull and far too long.\n" * 3)
-    for rel, body in contents.items():
-        p = cache / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(body if isinstance(body, bytes) else body.encode())
-    for name in data_lib.DATASETS:
-        (cache / name / "info.json").write_text(
-            json.dumps({"name": name, "format_version": data_lib.FORMAT_VERSION}))
 
 
 @pytest.fixture(scope="module")
