@@ -7,6 +7,8 @@ consumed) and run metadata, so a resumed run continues bit-identically.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,6 +28,17 @@ class TrainState:
     opt_state: Any
     flax_mutables: Any  # non-trainable collections (e.g. ``frozen``); saved, never optimised
     rng: Array
+
+
+@contextlib.contextmanager
+def _absl_level(level: int):
+    logger = logging.getLogger("absl")
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 class CheckpointMismatchError(ValueError):
@@ -152,7 +165,8 @@ def restore_params(path: str | os.PathLike, abstract_params, abstract_mutables=N
             )
         state_dir = path / str(steps[-1]) / "state"
     ckptr = ocp.StandardCheckpointer()
-    meta = ckptr.metadata(state_dir)
+    with _absl_level(logging.ERROR):  # the step's metadata file is one level up: not a problem
+        meta = ckptr.metadata(state_dir)
     tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     found = {"params": tree["params"], "flax_mutables": tree.get("flax_mutables") or {}}
     target = {"params": abstract_params, "flax_mutables": abstract_mutables or {}}
