@@ -24,7 +24,8 @@ from pathlib import Path
 from hypermoe_jax import data as data_lib
 
 EXPERIMENT = "experiments/quickstart_wiki_char.gin"
-MODEL_GIN = "models/hypermoe_lm_tiny.gin"
+MODEL_GIN = "models/hypermoe_lm_tiny.gin"  # the model gin the experiment includes
+EVAL_DATA_MACROS = ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "BATCH_SIZE")
 
 
 def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -44,7 +45,8 @@ def _bindings(extra: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, bindings
 
 
-def _gin_run(files: Sequence[str], bindings: Sequence[str]):
+def _gin_run(files: Sequence[str], bindings: Sequence[str], macros: Sequence[str] = ()):
+    """Runs the configured run function; returns its result and the values of ``macros``."""
     import gin
 
     from hypermoe_jax import gin_utils
@@ -53,7 +55,8 @@ def _gin_run(files: Sequence[str], bindings: Sequence[str]):
     gin.clear_config()
     gin_utils.parse(list(files), list(bindings))
     try:
-        return train_lib.run()
+        values = {name: gin.query_parameter(f"%{name}") for name in macros}
+        return train_lib.run(), values
     finally:
         gin.clear_config()
 
@@ -68,18 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"Data: {wiki} ({time.time() - t0:.0f} s)")
 
-    from hypermoe_jax import checkpoints as ckpt_lib
-    from hypermoe_jax import gin_utils
     from hypermoe_jax import train as train_lib
 
     model_dir = Path(args.model_dir).absolute()
     extra_files, extra_bindings = _bindings(extra)
-    errors = (gin_utils.GinConfigError, train_lib.RunError, ckpt_lib.CheckpointMismatchError,
-              FileNotFoundError)
     try:
-        summary = _gin_run([EXPERIMENT, *extra_files],
-                           [f"MODEL_DIR = {str(model_dir)!r}", *extra_bindings])
-    except errors as e:
+        summary, data_macros = _gin_run(
+            [EXPERIMENT, *extra_files], [f"MODEL_DIR = {str(model_dir)!r}", *extra_bindings],
+            macros=EVAL_DATA_MACROS)
+    except train_lib.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     losses = summary["losses"]
@@ -94,20 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     eval_dir = model_dir / "eval"
     try:
-        result = _gin_run(
+        result, _ = _gin_run(
             [MODEL_GIN, "runs/eval.gin", *extra_files],
             [
                 f"CHECKPOINT_PATH = {summary['checkpoint_dir']!r}",
                 f"EVAL_OUTPUT_DIR = {str(eval_dir)!r}",
-                "MIXTURE_OR_TASK_NAME = 'wiki_char_lm'",
-                "TASK_FEATURE_LENGTHS = {'targets': 256}",
-                "BATCH_SIZE = 16",
+                # The training run's task, lengths and batch size.
+                *[f"{name} = {value!r}" for name, value in data_macros.items()],
                 "EVAL_SPLIT = 'test'",
                 "EVAL_STEPS = 32",  # 131k of the 304k test characters
                 *[b for b in extra_bindings if not b.startswith("TRAIN_STEPS")],
             ],
         )
-    except errors as e:
+    except train_lib.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"Test split: {result['bits_per_token']:.3f} bits per character "

@@ -50,6 +50,12 @@ class NonFiniteLossError(RunError):
     pass
 
 
+# Errors that mean bad input (configs, data, checkpoints): entry points print them as one
+# ``error: ...`` line instead of a traceback.
+USER_ERRORS = (gin_utils.GinConfigError, RunError, ckpt_lib.CheckpointMismatchError,
+               FileNotFoundError)
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
@@ -857,8 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         gin_utils.parse(files, bindings, paths)
         result = run()
-    except (gin_utils.GinConfigError, RunError, ckpt_lib.CheckpointMismatchError,
-            FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if isinstance(result, dict) and result.get("status") == "preempted":
