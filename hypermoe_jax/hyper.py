@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -77,6 +78,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
 HYPER_KINDS = ("none", "hypermoe", "share")
 PLACEMENTS = ("dense", "fused")
 GROUPED_IMPLS = ("blocked", "ragged_dot", "onehot")
+# Capacity layouts the blocked grouped matmul tries, smallest first (``grouped_adapter_mlp``):
+# the padding costs (f - 1) of the ideal rows, so the tightest layout that fits is taken.
+DEFAULT_GROUPED_CAPACITY_FACTORS = (1.25, 1.5, 2.0)
 
 # Keys of the per-token generator output (``HyperExpertGenerator`` when C(N, k) > max_sets).
 HEAD_KEYS = (
@@ -400,20 +404,43 @@ def _adapter_mlp_batched(a: dict[str, Array], xb: Array, precision) -> Array:
     return jnp.einsum("nsb,nbd->nsd", h, a["w_up"], precision=precision) + a["b_up"][:, None, :]
 
 
-def _grouped_sorted(adapters, x, ids, block_size, capacity_factor, dtype, precision):
+def _capacities(factors, num_tokens: int, num_adapters: int) -> list[int]:
+    """Rows per adapter of the capacity layouts, ascending: ``ceil(f * T / M)`` rounded up to 8,
+    at most T (a layout that no histogram can overflow ends the list)."""
+    if factors is None:
+        return []
+    if isinstance(factors, (int, float)):
+        factors = (factors,)
+    caps = []
+    for f in sorted(float(v) for v in factors):
+        if f <= 0:
+            raise ValueError(f"grouped capacity factors must be > 0, got {tuple(factors)}")
+        cap = -(-int(math.ceil(f * num_tokens / num_adapters)) // 8) * 8
+        cap = min(cap, -(-num_tokens // 8) * 8)
+        if not caps or cap > caps[-1]:
+            caps.append(cap)
+        if cap >= num_tokens:
+            break
+    return caps
+
+
+def _grouped_sorted(adapters, x, ids, block_size, capacity_factor, dtype, precision,
+                    residual=None, token_mask=None):
     """Tokens sorted by adapter, laid out in per-adapter rows, batched matmuls. Two layouts:
 
     * capacity (the fast path, taken when every adapter has at most ``cap`` tokens,
-      ``cap = ceil(capacity_factor * T / M)``): ``[M, cap, d]``, one matmul per adapter with its
-      own weights -- ``M * cap * 2 d b`` MACs;
+      ``cap = ceil(f * T / M)`` for the smallest factor f of ``capacity_factor`` that fits):
+      ``[M, cap, d]``, one matmul per adapter with its own weights -- ``M * cap * 2 d b`` MACs;
     * blocked (exact for any histogram): each adapter's run padded to whole blocks of ``blk``
       rows, ``P = floor((T + M (blk - 1)) / blk) * blk`` rows in all (the worst case), one matmul
       per block with its adapter's weights (per-block weights ``[P / blk, d, b]`` are gathered) --
       at most ``1 + M blk / T`` times the ideal ``T * 2 d b`` MACs.
 
-    ``jax.lax.cond`` picks the layout at run time; both give the same result. Rows move by two
-    permutations (gathers both ways: the backward of each is the inverse gather). Per-token weights
-    are never built.
+    ``jax.lax.switch`` picks the layout at run time from the largest adapter's token count; all
+    give the same result. Rows move by two permutations (gathers both ways: the backward of each is
+    the inverse gather). Per-token weights are never built. ``residual`` (added to the output) and
+    ``token_mask`` (tokens where it is False get 0) are applied inside the branch, where they fuse
+    with the last permutation instead of costing a pass of their own over ``[T, d]``.
     """
     num_tokens, d_model = x.shape
     num_adapters = adapters["w_down"].shape[0]
@@ -432,10 +459,18 @@ def _grouped_sorted(adapters, x, ids, block_size, capacity_factor, dtype, precis
         src = order[jnp.clip(start[row_adapter] + row_offset, 0, num_tokens - 1)]
         return jnp.where(valid, src, num_tokens), token_row
 
+    def finish(y, dest, src, residual, token_mask):
+        out = _permute_rows(y, dest, src)  # [T, d] in token order
+        if token_mask is not None:
+            out = jnp.where(token_mask[:, None], out, jnp.zeros((), out.dtype))
+        if residual is not None:
+            out = residual + out.astype(residual.dtype)
+        return out
+
     blk = _block_rows(num_tokens, num_adapters, block_size)
     num_blocks = (num_tokens + num_adapters * (blk - 1)) // blk
 
-    def blocked(adapters, x):
+    def blocked(adapters, x, residual, token_mask):
         padded = (counts + blk - 1) // blk * blk
         padded_end = jnp.cumsum(padded)
         padded_start = padded_end - padded
@@ -447,23 +482,26 @@ def _grouped_sorted(adapters, x, ids, block_size, capacity_factor, dtype, precis
         xb = _permute_rows(x, src, dest).reshape(num_blocks, blk, d_model)
         a = {k: v[block_adapter] for k, v in adapters.items()}
         y = _adapter_mlp_batched(a, xb, precision).reshape(num_blocks * blk, d_model)
-        return _permute_rows(y, dest, src)
+        return finish(y, dest, src, residual, token_mask)
 
-    if capacity_factor is None:
-        return blocked(adapters, x)
-    cap = -(-int(math.ceil(capacity_factor * num_tokens / num_adapters)) // 8) * 8
-    cap = min(cap, -(-num_tokens // 8) * 8)
-
-    def capacity(adapters, x):
+    def capacity(cap, adapters, x, residual, token_mask):
         rows = jnp.arange(num_adapters * cap)
         src, dest = layout(rows // cap, rows % cap, ids * cap + within)
         xb = _permute_rows(x, src, dest).reshape(num_adapters, cap, d_model)
         y = _adapter_mlp_batched(adapters, xb, precision).reshape(num_adapters * cap, d_model)
-        return _permute_rows(y, dest, src)
+        return finish(y, dest, src, residual, token_mask)
 
-    if cap >= num_tokens:  # no adapter can overflow
-        return capacity(adapters, x)
-    return jax.lax.cond(jnp.max(counts) <= cap, capacity, blocked, adapters, x)
+    caps = _capacities(capacity_factor, num_tokens, num_adapters)
+    operands = (adapters, x, residual, token_mask)
+    if caps and caps[-1] >= num_tokens:  # the last layout cannot overflow: no blocked fallback
+        branches = [functools.partial(capacity, c) for c in caps]
+    else:
+        branches = [functools.partial(capacity, c) for c in caps] + [blocked]
+    if len(branches) == 1:
+        return branches[0](*operands)
+    largest = jnp.max(counts)
+    index = jnp.sum(largest > jnp.asarray(caps[: len(branches) - 1], largest.dtype))
+    return jax.lax.switch(index, branches, *operands)
 
 
 def _grouped_ragged_dot(adapters, x, ids, dtype, precision):
@@ -499,9 +537,11 @@ def grouped_adapter_mlp(
     *,
     impl: GroupedImpl = "blocked",
     block_size: int = 128,
-    capacity_factor: float | None = 1.5,
+    capacity_factor: float | Sequence[float] | None = DEFAULT_GROUPED_CAPACITY_FACTORS,
     dtype: jnp.dtype = jnp.float32,
     precision: jax.lax.PrecisionLike = None,
+    residual: Array | None = None,
+    token_mask: Array | None = None,
 ) -> Array:
     """Token t gets adapter ``ids[t]``: ``relu(x W_down[i] + b_down[i]) W_up[i] + b_up[i]``.
 
@@ -514,20 +554,34 @@ def grouped_adapter_mlp(
         ``ragged_dot`` (sort + ``jax.lax.ragged_dot``: the native grouped matmul on TPU; on CPU a
         masked dense product costing M times the ideal) or ``onehot`` (all M adapters, masked).
       block_size: rows per block of the exact blocked layout.
-      capacity_factor: ``blocked`` takes the faster ``[M, cap, d]`` layout whenever every adapter
-        has at most ``cap = capacity_factor * T / M`` tokens (checked at run time; None: never).
+      capacity_factor: ``blocked`` takes a faster ``[M, cap, d]`` layout whenever every adapter
+        has at most ``cap = f * T / M`` tokens, for the smallest factor f of this float or
+        sequence that fits (checked at run time; None: never).
+      residual: optional <[T, d]> added to the output (fused with the last permutation).
+      token_mask: optional <bool>[T]; tokens where it is False get 0 (before ``residual``).
 
     Returns:
       <[T, d]>.
     """
     ids = ids.astype(jnp.int32)
     if impl == "blocked":
-        return _grouped_sorted(adapters, x, ids, block_size, capacity_factor, dtype, precision)
+        return _grouped_sorted(adapters, x, ids, block_size, capacity_factor, dtype, precision,
+                               residual, token_mask)
     if impl == "ragged_dot":
-        return _grouped_ragged_dot(adapters, x, ids, dtype, precision)
-    if impl == "onehot":
-        return _grouped_onehot(adapters, x, ids, dtype, precision)
-    raise ValueError(f"Unknown grouped impl {impl!r}; choose one of {GROUPED_IMPLS}.")
+        out = _grouped_ragged_dot(adapters, x, ids, dtype, precision)
+    elif impl == "onehot":
+        out = _grouped_onehot(adapters, x, ids, dtype, precision)
+    else:
+        raise ValueError(f"Unknown grouped impl {impl!r}; choose one of {GROUPED_IMPLS}.")
+    return _mask_and_add(out, residual, token_mask)
+
+
+def _mask_and_add(out: Array, residual: Array | None, token_mask: Array | None) -> Array:
+    if token_mask is not None:
+        out = jnp.where(token_mask[:, None], out, jnp.zeros((), out.dtype))
+    if residual is not None:
+        out = residual + out.astype(residual.dtype)
+    return out
 
 
 def per_token_hyper_experts(
@@ -592,9 +646,11 @@ def apply_hyper_experts(
     active_k: Array | int | None = None,
     impl: GroupedImpl = "blocked",
     block_size: int = 128,
-    capacity_factor: float | None = 1.5,
+    capacity_factor: float | Sequence[float] | None = DEFAULT_GROUPED_CAPACITY_FACTORS,
     dtype: jnp.dtype = jnp.float32,
     precision: jax.lax.PrecisionLike = None,
+    residual: Array | None = None,
+    token_mask: Array | None = None,
 ) -> Array:
     """HyperExpert output of every token (dense placement), on one device.
 
@@ -602,6 +658,8 @@ def apply_hyper_experts(
       hyper_inputs: one layer's slice of the generator output.
       x: <[T, d]>.
       expert_index: <int>[T, K] top-k before capacity (no gradient flows through it).
+      residual: optional <[T, d]> added to the output (e.g. the MoE output).
+      token_mask: optional <bool>[T]; tokens where it is False get 0 (before ``residual``).
 
     Returns:
       <[T, d]>.
@@ -624,12 +682,14 @@ def apply_hyper_experts(
         ids = combination_ids(expert_index, num_experts)
         return grouped_adapter_mlp(adapters, x, ids, impl=impl, block_size=block_size,
                                    capacity_factor=capacity_factor, dtype=dtype,
-                                   precision=precision)
+                                   precision=precision, residual=residual,
+                                   token_mask=token_mask)
     missing = sorted(set(PER_TOKEN_KEYS) - set(hyper_inputs))
     if missing:
         raise ValueError(f"hyper_inputs is neither per-set nor per-token; missing {missing}.")
     selected = selected_mask(expert_index, num_experts, active_k)
-    return per_token_hyper_experts(hyper_inputs, x, selected, dtype=dtype, precision=precision)
+    out = per_token_hyper_experts(hyper_inputs, x, selected, dtype=dtype, precision=precision)
+    return _mask_and_add(out, residual, token_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,7 +768,7 @@ class SparseMlp(nn.Module):
     adapter_dim: int = 64
     grouped_impl: GroupedImpl = "blocked"
     block_size: int = 128
-    grouped_capacity_factor: float | None = 1.5
+    grouped_capacity_factor: float | tuple[float, ...] | None = DEFAULT_GROUPED_CAPACITY_FACTORS
 
     @property
     def router_kind(self) -> str:
@@ -804,21 +864,25 @@ class SparseMlp(nn.Module):
             active_k=active_k,
             adapters=adapters,
         )
-        extra = None
         if hyper_kind == "hypermoe" and not fused:
-            extra = self._dense_hyper_experts(x, aux.expert_index, hyper_inputs, active_k)
-        elif hyper_kind == "share":
+            # The MoE output and the padding mask go into the grouped matmul, where they fuse with
+            # its last permutation (no extra pass over [T, d]).
+            return self._dense_hyper_experts(x, y, aux.expert_index, hyper_inputs, active_k,
+                                             padding_mask), aux
+        if hyper_kind == "share":
             extra = self.share_adapter(x)
-        if extra is not None:
             if padding_mask is not None:
                 extra = extra * (padding_mask > 0)[..., None].astype(extra.dtype)
             y = y + extra.astype(y.dtype)
         return y, aux
 
-    def _dense_hyper_experts(self, x, expert_index, hyper_inputs, active_k):
+    def _dense_hyper_experts(self, x, y, expert_index, hyper_inputs, active_k, padding_mask):
+        """``y`` + the HyperExpert of every token (0 on padding)."""
         batch, seq_len, d_model = x.shape
         xt = x.reshape(batch * seq_len, d_model)
+        yt = y.reshape(batch * seq_len, d_model)
         idx = expert_index.reshape(batch * seq_len, -1)
+        mask = None if padding_mask is None else (padding_mask > 0).reshape(batch * seq_len)
         fn = functools.partial(
             apply_hyper_experts,
             num_experts=self.num_experts,
@@ -829,7 +893,7 @@ class SparseMlp(nn.Module):
         )
         if self.mesh is None or "w_down" not in hyper_inputs:
             # The per-token form is token-local: sharding propagation handles it on a mesh.
-            h = fn(hyper_inputs, xt, idx, active_k=active_k)
+            out = fn(hyper_inputs, xt, idx, active_k=active_k, residual=yt, token_mask=mask)
         else:
             # The sort runs per token shard (each device sorts its own tokens), adapters replicated.
             if active_k is not None and self.num_selected > 1:
@@ -839,11 +903,13 @@ class SparseMlp(nn.Module):
                 )
             tokens = PartitionSpec(part.TOKEN_SHARDS)
             specs = jax.tree.map(lambda _: PartitionSpec(), hyper_inputs)
-            h = jax.shard_map(
-                lambda hi, a, b: fn(hi, a, b),
+            if mask is None:
+                mask = jnp.ones((batch * seq_len,), bool)
+            out = jax.shard_map(
+                lambda hi, a, b, r, m: fn(hi, a, b, residual=r, token_mask=m),
                 mesh=self.mesh,
-                in_specs=(specs, tokens, tokens),
+                in_specs=(specs, tokens, tokens, tokens, tokens),
                 out_specs=tokens,
                 check_vma=False,
-            )(hyper_inputs, xt, idx)
-        return h.reshape(batch, seq_len, d_model)
+            )(hyper_inputs, xt, idx, yt, mask)
+        return out.reshape(batch, seq_len, d_model)

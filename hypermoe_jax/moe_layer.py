@@ -143,23 +143,37 @@ def _local_experts(
         # The expert hidden dim f is split over `model`: sum the partial outputs.
         y_e = jax.lax.psum(y_e, model_axis)
     if adapters is not None:
-        # Fused HyperExperts: the companion adapter of expert e on the tokens at expert e (ungated).
+        # Fused HyperExperts: the companion adapter of expert e on the tokens at expert e, ungated.
+        # A slot holds one token, so  sum_slots combine * y_e + dispatch * h_e  equals
+        # sum_slots dispatch * (gate_of_slot * y_e + h_e): one combine (and one all_to_all back)
+        # carries both, with the gate applied on the expert side.
+        if dispatch_impl == "einsum":
+            slot_gate = jnp.sum(combine, axis=1).transpose(1, 0, 2)  # [E, G_l, C]
+        else:
+            num_groups = slot_ids.shape[0]
+            slot_gate = jnp.zeros((num_groups, num_experts * capacity + 1), gates.dtype)
+            slot_gate = slot_gate.at[
+                jnp.arange(num_groups)[:, None], slot_ids.reshape(num_groups, -1)
+            ].add(gates.reshape(num_groups, -1))
+            slot_gate = slot_gate[:, :-1].reshape(num_groups, num_experts, capacity)
+            slot_gate = slot_gate.transpose(1, 0, 2)  # [E, G_l, C]
+        if expert_axis is not None:
+            slot_gate = jax.lax.all_to_all(slot_gate, expert_axis, split_axis=0, concat_axis=1,
+                                           tiled=True)
         h_e = experts_lib.adapter_mlp(adapters, x_e, dtype)
+        y_e = y_e * slot_gate[..., None].astype(y_e.dtype) + h_e.astype(y_e.dtype)
     if expert_axis is not None:
         # all_to_all back over `expert`: return each group's slots to the device that owns the
         # group. [E_l, n_expert * G_l, C, d] -> [E, G_l, C, d].
         y_e = jax.lax.all_to_all(y_e, expert_axis, split_axis=1, concat_axis=0, tiled=True)
-        if adapters is not None:
-            h_e = jax.lax.all_to_all(h_e, expert_axis, split_axis=1, concat_axis=0, tiled=True)
     if dispatch_impl == "einsum":
-        y = _combine_einsum(y_e, combine)  # [G_l, S, d]
-        if adapters is not None:
-            y = y + _combine_einsum(h_e, dispatch)
+        y = _combine_einsum(y_e, dispatch if adapters is not None else combine)  # [G_l, S, d]
     else:
-        y = _combine_gather(y_e, slot_ids, gates)
         if adapters is not None:
             kept = (slot_ids < num_experts * capacity).astype(dtype)
-            y = y + _combine_gather(h_e, slot_ids, kept)
+            y = _combine_gather(y_e, slot_ids, kept)
+        else:
+            y = _combine_gather(y_e, slot_ids, gates)
     return y
 
 

@@ -216,10 +216,15 @@ def test_efficient_equals_literal(num_experts, k, dropped, max_sets):
     ref = value_and_grads(reference_forward_fn(moe, topks, num_experts), cot)
     ones = np.ones((NUM_LAYERS, BATCH, LENGTH), np.float32)
 
-    placements = ["dense", "fused"] if k == 1 else ["dense"]
+    # Top-1 also runs the fused placement, with both dispatch forms (einsum and gather: each
+    # folds the ungated HyperExpert into the experts' single combine its own way).
+    placements = ["dense", "fused", "fused_gather"] if k == 1 else ["dense"]
     ys = {}
-    for placement in placements:
-        eff = value_and_grads(forward_fn(gen, layer.clone(placement=placement)), cot)
+    for name in placements:
+        placement = name.split("_")[0]
+        dispatch = "gather" if name.endswith("gather") else layer.dispatch_impl
+        eff = value_and_grads(
+            forward_fn(gen, layer.clone(placement=placement, dispatch_impl=dispatch)), cot)
         (y, auxes), g_eff = eff(params, x)
         for m, aux in enumerate(auxes):
             np.testing.assert_array_equal(np.sort(np.asarray(aux.expert_index), -1),
@@ -228,14 +233,14 @@ def test_efficient_equals_literal(num_experts, k, dropped, max_sets):
         assert (~np.stack([np.asarray(a.kept) for a in auxes])).any() == dropped
         mask = ones if placement == "dense" else kept.astype(np.float32)
         (y_ref, _), g_ref = ref(params, x, mask)
-        np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL, err_msg=placement)
-        ys[placement] = np.asarray(y)
+        np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL, err_msg=name)
+        ys[name] = np.asarray(y)
         assert_trees_close(g_eff, g_ref)
         # Every generator parameter gets a gradient (both layers feed the shared hypernetwork).
         for path, g in jax.tree.flatten_with_path(g_eff[0]["generator"])[0]:
             assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
 
-    if len(ys) == 2:  # dense and fused differ exactly on the dropped tokens
+    if len(ys) > 1:  # dense and fused differ exactly on the dropped tokens
         diff = np.abs(ys["dense"] - ys["fused"]).max(-1)
         np.testing.assert_array_less(diff[kept], 1e-5)
         assert (diff[~kept] > 1e-3).all()

@@ -264,6 +264,8 @@ MESH_LAYERS = {
     "switch": (dict(variant="switch"), None, None),
     "hypermoe_dense": (dict(variant="hypermoe", placement="dense"), ("top1", 0), None),
     "hypermoe_fused": (dict(variant="hypermoe", placement="fused"), ("top1", 1), None),
+    "hypermoe_fused_gather": (dict(variant="hypermoe", placement="fused", dispatch_impl="gather"),
+                              ("top1", 1), None),
     "hypermoe_top2": (dict(variant="hypermoe", num_selected=2), ("top2", 0), None),
     "hypermoe_top2_per_token": (dict(variant="hypermoe", num_selected=2), ("per_token", 0), None),
     "hyperrouter": (dict(variant="hyperrouter", num_selected=2), None, 1),
