@@ -12,7 +12,12 @@ literal per-token form of the official code.
 3. The dense placement's grouped-matmul options (``hyper.GROUPED_IMPLS``) on the same adapters.
 
 Every measurement set is timed interleaved (one timed call of each function per repetition, each
-after an untimed call of the same function; the order rotates) and compared by medians.
+after an untimed call of the same function; the order rotates): the forward passes form one set,
+the train steps another, so each repetition times HyperMoE and Switch within seconds of each
+other. The layer targets use the median over repetitions of the per-repetition ratio (the two
+calls of a repetition see the same machine load, which on a shared machine drifts by more than
+the few percent measured); the ratio of the medians and of the fastest calls are reported beside
+it.
 
     python benchmarks/hyper_layer.py          # d=768, f=3072, b=64, E in {8, 64}, 8192 tokens
     python benchmarks/hyper_layer.py --quick  # a tiny smoke configuration (seconds)
@@ -69,7 +74,7 @@ class Config:
     grouped_impl: str = "blocked"
     compare_grouped_impls: bool = True
     time_fused: bool = True
-    repetitions: int = 7  # layer timings (a few % apart: many repetitions)
+    repetitions: int = 15  # layer timings (a few % apart: many repetitions)
     hyper_expert_repetitions: int = 3  # efficient vs literal (an order of magnitude apart)
     warmup: int = 1
     rewarm: bool = True  # an untimed call of the same function before each timed one
@@ -232,8 +237,11 @@ def run_one(cfg: Config, num_experts: int) -> dict:
             jax.jit(functools.partial(hyper_fwd, fused)), hyper_params, x)
         layer_fns["hypermoe_fused_train_step"] = functools.partial(
             train(functools.partial(hyper_fwd, fused)), hyper_params, x, cot)
-    print(f"E={num_experts}: layer ...", flush=True)
-    layer_times = _time_interleaved(layer_fns, cfg.repetitions, cfg.warmup, cfg.rewarm)
+    layer_times = {}
+    for kind in ("forward", "train_step"):
+        print(f"E={num_experts}: layer {kind} ...", flush=True)
+        fns = {k: v for k, v in layer_fns.items() if k.endswith(kind)}
+        layer_times.update(_time_interleaved(fns, cfg.repetitions, cfg.warmup, cfg.rewarm))
 
     # HyperExpert alone, on the layer's own top-1 choices.
     _, aux = jax.jit(switch.apply)({"params": switch_params}, x)
@@ -291,29 +299,41 @@ def run_one(cfg: Config, num_experts: int) -> dict:
 
     times = {**layer_times, **he_times}
     ms = {k: _median(v) for k, v in times.items()}
+
+    def paired(num, den):  # median over repetitions of the per-repetition ratio
+        return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
     ratios = {
-        "hypermoe_over_switch_train_step": ms["hypermoe_train_step"] / ms["switch_train_step"],
-        "hypermoe_over_switch_forward": ms["hypermoe_forward"] / ms["switch_forward"],
+        "hypermoe_over_switch_train_step": paired("hypermoe_train_step", "switch_train_step"),
+        "hypermoe_over_switch_forward": paired("hypermoe_forward", "switch_forward"),
         "hyper_expert_speedup_forward":
             ms["hyper_expert_literal_forward"] / ms["hyper_expert_efficient_forward"],
         "hyper_expert_speedup_train_step":
             ms["hyper_expert_literal_train_step"] / ms["hyper_expert_efficient_train_step"],
     }
     if cfg.time_fused:
-        ratios["hypermoe_fused_over_switch_train_step"] = (
-            ms["hypermoe_fused_train_step"] / ms["switch_train_step"])
-        ratios["hypermoe_fused_over_switch_forward"] = (
-            ms["hypermoe_fused_forward"] / ms["switch_forward"])
+        ratios["hypermoe_fused_over_switch_train_step"] = paired(
+            "hypermoe_fused_train_step", "switch_train_step")
+        ratios["hypermoe_fused_over_switch_forward"] = paired(
+            "hypermoe_fused_forward", "switch_forward")
     ratios = {k: round(v, 4) for k, v in ratios.items()}
-    # For information: the median over repetitions of the per-repetition ratio (each repetition
-    # runs both functions back to back, so this pairs them under the same machine load).
-    paired = {
+    # For comparison with the paired ratios above: the ratio of the medians, and of the fastest
+    # calls, of the same timings.
+    layer_pairs = {
         "hypermoe_over_switch_train_step": ("hypermoe_train_step", "switch_train_step"),
         "hypermoe_over_switch_forward": ("hypermoe_forward", "switch_forward"),
     }
-    paired_ratios = {
-        name: round(statistics.median(a / b for a, b in zip(times[num], times[den])), 4)
-        for name, (num, den) in paired.items()
+    if cfg.time_fused:
+        layer_pairs["hypermoe_fused_over_switch_train_step"] = (
+            "hypermoe_fused_train_step", "switch_train_step")
+        layer_pairs["hypermoe_fused_over_switch_forward"] = (
+            "hypermoe_fused_forward", "switch_forward")
+    other_estimates = {
+        "ratio_of_medians": {
+            name: round(ms[num] / ms[den], 4) for name, (num, den) in layer_pairs.items()},
+        "ratio_of_minima": {
+            name: round(min(times[num]) / min(times[den]), 4)
+            for name, (num, den) in layer_pairs.items()},
     }
     targets = {}
     for name, (op, bound) in TARGETS.items():
@@ -323,7 +343,7 @@ def run_one(cfg: Config, num_experts: int) -> dict:
         "num_experts": num_experts,
         "ms": ms,
         "ratios": ratios,
-        "paired_ratio_medians": paired_ratios,
+        "layer_ratio_other_estimates": other_estimates,
         "targets": targets,
         "hyper_expert_check": {
             "max_abs_diff_efficient_vs_literal": max_abs_diff,
@@ -366,7 +386,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "description": (
             "HyperMoE layer (dense placement, generator call included) vs Switch layer with the "
             "same MoE weights: train step = grad of sum(y * cot) w.r.t. all parameters (train "
-            "capacity factor), forward = eval forward (eval capacity factor). HyperExpert alone: "
+            "capacity factor), forward = eval forward (eval capacity factor). Layer ratios: "
+            "median over repetitions of the per-repetition ratio (forward passes and train steps "
+            "timed as two interleaved sets); ratios of medians and of minima beside them. "
+            "HyperExpert alone: "
             "efficient (N generated adapters, tokens grouped by adapter) vs literal per-token "
             "(per-token weights [T, d, b] as the official code), grad w.r.t. generator params "
             "and x for the train step. Median wall-clock ms over interleaved repetitions (each "

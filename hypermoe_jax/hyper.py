@@ -424,6 +424,97 @@ def _capacities(factors, num_tokens: int, num_adapters: int) -> list[int]:
     return caps
 
 
+def _sort_by_adapter(ids: Array, num_adapters: int) -> dict[str, Array]:
+    """Integer bookkeeping of the sorted layouts: tokens per adapter, where each adapter's run
+    starts, the sorted order and each token's position within its adapter's run."""
+    num_tokens = ids.shape[0]
+    counts = jnp.bincount(ids, length=num_adapters)  # [M]
+    start = jnp.cumsum(counts) - counts
+    order = jnp.argsort(ids, stable=True)  # sorted position -> token
+    rank = jnp.zeros_like(ids).at[order].set(jnp.arange(num_tokens, dtype=ids.dtype))
+    return {"ids": ids, "counts": counts, "start": start, "order": order,
+            "within": rank - start[ids]}
+
+
+def _layout_rows(idx, row_adapter, row_offset, token_row):
+    """Source token of each layout row (T = empty row) and the inverse map (token -> row)."""
+    num_tokens = idx["ids"].shape[0]
+    valid = row_offset < idx["counts"][row_adapter]
+    src = idx["order"][jnp.clip(idx["start"][row_adapter] + row_offset, 0, num_tokens - 1)]
+    return jnp.where(valid, src, num_tokens), token_row
+
+
+def _capacity_layout(cap, precision, adapters, x, idx):
+    """``[M, cap, d]``: adapter m's tokens in rows ``m * cap + i`` (needs every count <= cap)."""
+    num_adapters = adapters["w_down"].shape[0]
+    rows = jnp.arange(num_adapters * cap)
+    src, dest = _layout_rows(idx, rows // cap, rows % cap, idx["ids"] * cap + idx["within"])
+    xb = _permute_rows(x, src, dest).reshape(num_adapters, cap, x.shape[-1])
+    y = _adapter_mlp_batched(adapters, xb, precision).reshape(num_adapters * cap, x.shape[-1])
+    return _permute_rows(y, dest, src)  # [T, d] in token order
+
+
+def _blocked_layout(blk, num_blocks, precision, adapters, x, idx):
+    """Each adapter's run padded to whole blocks of ``blk`` rows (exact for any histogram)."""
+    num_adapters = adapters["w_down"].shape[0]
+    padded = (idx["counts"] + blk - 1) // blk * blk
+    padded_end = jnp.cumsum(padded)
+    padded_start = padded_end - padded
+    block_adapter = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * blk, side="right")
+    block_adapter = jnp.minimum(block_adapter, num_adapters - 1)  # [P / blk]
+    row_adapter = jnp.repeat(block_adapter, blk, total_repeat_length=num_blocks * blk)
+    offset = jnp.arange(num_blocks * blk) - padded_start[row_adapter]
+    src, dest = _layout_rows(idx, row_adapter, offset,
+                             padded_start[idx["ids"]] + idx["within"])
+    xb = _permute_rows(x, src, dest).reshape(num_blocks, blk, x.shape[-1])
+    a = {k: v[block_adapter] for k, v in adapters.items()}
+    y = _adapter_mlp_batched(a, xb, precision).reshape(num_blocks * blk, x.shape[-1])
+    return _permute_rows(y, dest, src)
+
+
+def _mask_and_add(out: Array, residual: Array | None, token_mask: Array | None) -> Array:
+    if token_mask is not None:
+        out = jnp.where(token_mask[:, None], out, jnp.zeros((), out.dtype))
+    if residual is not None:
+        out = residual + out.astype(residual.dtype)
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _switch_layouts(layouts, index, adapters, x, idx, residual, token_mask):
+    """``residual + mask * layouts[index](adapters, x, idx)``, the add and mask fused into the
+    branch. Differentiated by hand: ``jax.lax.switch``'s own linearisation would make the forward
+    return every branch's residuals (zeros for the branches not taken) -- for these layouts
+    several ``[rows, d]`` buffers per step; here the backward re-runs the taken branch's cheap
+    part (the row gather and the down projection) under ``jax.vjp`` instead."""
+    branches = [
+        lambda a, x, i, r, m, f=f: _mask_and_add(f(a, x, i), r, m) for f in layouts
+    ]
+    return jax.lax.switch(index, branches, adapters, x, idx, residual, token_mask)
+
+
+def _switch_layouts_fwd(layouts, index, adapters, x, idx, residual, token_mask):
+    out = _switch_layouts(layouts, index, adapters, x, idx, residual, token_mask)
+    return out, (index, adapters, x, idx, residual is not None, token_mask)
+
+
+def _switch_layouts_bwd(layouts, res, g):
+    index, adapters, x, idx, has_residual, token_mask = res
+    g_out = _mask_and_add(g.astype(x.dtype), None, token_mask)
+
+    def branch(f):
+        def vjp(a, x, i, gy):
+            return jax.vjp(lambda a, x: f(a, x, i), a, x)[1](gy)
+        return vjp
+
+    d_adapters, d_x = jax.lax.switch(index, [branch(f) for f in layouts], adapters, x, idx,
+                                     g_out)
+    return None, d_adapters, d_x, None, g if has_residual else None, None
+
+
+_switch_layouts.defvjp(_switch_layouts_fwd, _switch_layouts_bwd)
+
+
 def _grouped_sorted(adapters, x, ids, block_size, capacity_factor, dtype, precision,
                     residual=None, token_mask=None):
     """Tokens sorted by adapter, laid out in per-adapter rows, batched matmuls. Two layouts:
@@ -442,66 +533,23 @@ def _grouped_sorted(adapters, x, ids, block_size, capacity_factor, dtype, precis
     ``token_mask`` (tokens where it is False get 0) are applied inside the branch, where they fuse
     with the last permutation instead of costing a pass of their own over ``[T, d]``.
     """
-    num_tokens, d_model = x.shape
+    num_tokens = x.shape[0]
     num_adapters = adapters["w_down"].shape[0]
     x = x.astype(dtype)
     adapters = {k: v.astype(dtype) for k, v in adapters.items()}
-
-    counts = jnp.bincount(ids, length=num_adapters)  # [M]
-    start = jnp.cumsum(counts) - counts
-    order = jnp.argsort(ids, stable=True)  # sorted position -> token
-    rank = jnp.zeros_like(ids).at[order].set(jnp.arange(num_tokens, dtype=ids.dtype))
-    within = rank - start[ids]  # position of each token among its adapter's tokens
-
-    def layout(row_adapter, row_offset, token_row):
-        """Source token of each row (T = empty row) and the inverse map."""
-        valid = row_offset < counts[row_adapter]
-        src = order[jnp.clip(start[row_adapter] + row_offset, 0, num_tokens - 1)]
-        return jnp.where(valid, src, num_tokens), token_row
-
-    def finish(y, dest, src, residual, token_mask):
-        out = _permute_rows(y, dest, src)  # [T, d] in token order
-        if token_mask is not None:
-            out = jnp.where(token_mask[:, None], out, jnp.zeros((), out.dtype))
-        if residual is not None:
-            out = residual + out.astype(residual.dtype)
-        return out
+    idx = _sort_by_adapter(ids, num_adapters)
 
     blk = _block_rows(num_tokens, num_adapters, block_size)
     num_blocks = (num_tokens + num_adapters * (blk - 1)) // blk
-
-    def blocked(adapters, x, residual, token_mask):
-        padded = (counts + blk - 1) // blk * blk
-        padded_end = jnp.cumsum(padded)
-        padded_start = padded_end - padded
-        block_adapter = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * blk, side="right")
-        block_adapter = jnp.minimum(block_adapter, num_adapters - 1)  # [P / blk]
-        row_adapter = jnp.repeat(block_adapter, blk, total_repeat_length=num_blocks * blk)
-        offset = jnp.arange(num_blocks * blk) - padded_start[row_adapter]
-        src, dest = layout(row_adapter, offset, padded_start[ids] + within)
-        xb = _permute_rows(x, src, dest).reshape(num_blocks, blk, d_model)
-        a = {k: v[block_adapter] for k, v in adapters.items()}
-        y = _adapter_mlp_batched(a, xb, precision).reshape(num_blocks * blk, d_model)
-        return finish(y, dest, src, residual, token_mask)
-
-    def capacity(cap, adapters, x, residual, token_mask):
-        rows = jnp.arange(num_adapters * cap)
-        src, dest = layout(rows // cap, rows % cap, ids * cap + within)
-        xb = _permute_rows(x, src, dest).reshape(num_adapters, cap, d_model)
-        y = _adapter_mlp_batched(adapters, xb, precision).reshape(num_adapters * cap, d_model)
-        return finish(y, dest, src, residual, token_mask)
-
     caps = _capacities(capacity_factor, num_tokens, num_adapters)
-    operands = (adapters, x, residual, token_mask)
-    if caps and caps[-1] >= num_tokens:  # the last layout cannot overflow: no blocked fallback
-        branches = [functools.partial(capacity, c) for c in caps]
-    else:
-        branches = [functools.partial(capacity, c) for c in caps] + [blocked]
-    if len(branches) == 1:
-        return branches[0](*operands)
-    largest = jnp.max(counts)
-    index = jnp.sum(largest > jnp.asarray(caps[: len(branches) - 1], largest.dtype))
-    return jax.lax.switch(index, branches, *operands)
+    layouts = tuple(functools.partial(_capacity_layout, c, precision) for c in caps)
+    if not caps or caps[-1] < num_tokens:  # the capacity layouts can overflow: blocked last
+        layouts += (functools.partial(_blocked_layout, blk, num_blocks, precision),)
+    if len(layouts) == 1:
+        return _mask_and_add(layouts[0](adapters, x, idx), residual, token_mask)
+    largest = jnp.max(idx["counts"])
+    index = jnp.sum(largest > jnp.asarray(caps[: len(layouts) - 1], largest.dtype))
+    return _switch_layouts(layouts, index, adapters, x, idx, residual, token_mask)
 
 
 def _grouped_ragged_dot(adapters, x, ids, dtype, precision):
@@ -574,14 +622,6 @@ def grouped_adapter_mlp(
     else:
         raise ValueError(f"Unknown grouped impl {impl!r}; choose one of {GROUPED_IMPLS}.")
     return _mask_and_add(out, residual, token_mask)
-
-
-def _mask_and_add(out: Array, residual: Array | None, token_mask: Array | None) -> Array:
-    if token_mask is not None:
-        out = jnp.where(token_mask[:, None], out, jnp.zeros((), out.dtype))
-    if residual is not None:
-        out = residual + out.astype(residual.dtype)
-    return out
 
 
 def per_token_hyper_experts(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,6 +46,18 @@ def test_quick_benchmark_writes_json(tmp_path):
         assert row["ms"][name] > 0, name
         want = he_reps if name.startswith("hyper_expert") else reps
         assert len(row["ms_all"][name]) == want, name
+    # The layer ratios are paired (per repetition), recomputable from the raw timings.
+    for name, (num, den) in {
+        "hypermoe_over_switch_forward": ("hypermoe_forward", "switch_forward"),
+        "hypermoe_over_switch_train_step": ("hypermoe_train_step", "switch_train_step"),
+    }.items():
+        a, b = row["ms_all"][num], row["ms_all"][den]
+        paired = statistics.median(u / v for u, v in zip(a, b))
+        # (ms_all is rounded to the microsecond; the quick calls take a fraction of a ms.)
+        assert abs(row["ratios"][name] - paired) <= 1e-2 * paired, name
+        of_medians = row["layer_ratio_other_estimates"]["ratio_of_medians"][name]
+        want = statistics.median(a) / statistics.median(b)
+        assert abs(of_medians - want) <= 1e-2 * want, name
     for name, t in row["targets"].items():
         assert t["met"] == (
             t["value"] <= float(t["target"][3:]) if t["target"].startswith("<=")

@@ -368,6 +368,58 @@ def test_grouped_impls_equal_per_token_weights(impl, capacity_factor, skewed):
     assert_trees_close(g1, g2, atol=1e-4)
 
 
+@pytest.mark.parametrize("skew", [0.0, 0.3, 0.6])
+def test_grouped_layout_switch_with_residual_and_mask(skew):
+    """Three capacity layouts and the blocked one behind one switch: the layout taken depends on
+    the largest adapter (skew 0: the tightest, 0.3: a wider one, 0.6: blocked); the residual and
+    the token mask are applied inside the branch and the backward is hand-written."""
+    key = jax.random.PRNGKey(1)
+    m, t, d, b = 8, 512, 12, 5
+    ks = jax.random.split(key, 9)
+    adapters = {
+        "w_down": jax.random.normal(ks[0], (m, d, b)),
+        "b_down": jax.random.normal(ks[1], (m, b)),
+        "w_up": jax.random.normal(ks[2], (m, b, d)),
+        "b_up": jax.random.normal(ks[3], (m, d)),
+    }
+    x = jax.random.normal(ks[4], (t, d))
+    residual = jax.random.normal(ks[5], (t, d))
+    mask = jax.random.uniform(ks[6], (t,)) < 0.8
+    ids = jnp.arange(t) % m  # 64 tokens each
+    ids = jnp.where(jax.random.uniform(ks[7], (t,)) < skew, 0, ids)
+    factors = (1.25, 2.0, 3.0)  # caps 80, 128, 192
+    largest = int(jnp.bincount(ids, length=m).max())
+    taken = sum(largest > c for c in (80, 128, 192))
+    assert taken == {0.0: 0, 0.3: 2, 0.6: 3}[skew]
+
+    def fn(a, x, r):
+        return hyper.grouped_adapter_mlp(a, x, ids, capacity_factor=factors, residual=r,
+                                         token_mask=mask, block_size=16)
+
+    def loop(a, x, r):
+        w = {k: v[ids] for k, v in a.items()}
+        h = jnp.maximum(jnp.einsum("td,tdb->tb", x, w["w_down"]) + w["b_down"], 0.0)
+        y = jnp.einsum("tb,tbd->td", h, w["w_up"]) + w["b_up"]
+        return r + y * mask[:, None]
+
+    np.testing.assert_allclose(jax.jit(fn)(adapters, x, residual), loop(adapters, x, residual),
+                               rtol=RTOL, atol=1e-4)
+    cot = jax.random.normal(ks[8], (t, d))
+    g1 = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=(0, 1, 2)))(
+        adapters, x, residual)
+    g2 = jax.grad(lambda *a: jnp.sum(loop(*a) * cot), argnums=(0, 1, 2))(adapters, x, residual)
+    assert_trees_close(g1, g2, atol=1e-4)
+    # Masked tokens get no gradient into x; the residual's gradient is the cotangent itself.
+    assert float(jnp.abs(g1[1][~mask]).max()) == 0.0
+    np.testing.assert_array_equal(g1[2], cot)
+    # The forward keeps no per-branch row buffers for the backward (plain autodiff of the switch
+    # would return [m, cap, d] and [m, cap, b] residuals of every capacity layout, zeros for the
+    # layouts not taken).
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a) * cot)))(adapters, x, residual)
+    outs = {v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars}
+    assert not [o for o in outs if len(o) == 3 and o[:2] in ((m, 80), (m, 128), (m, 192))], outs
+
+
 def test_generator_init_and_outputs():
     n_l, n, d, b = 3, 4, 24, 8
     gen = hyper.HyperExpertGenerator(num_layers=n_l, num_experts=n, num_selected=1, d_model=d,
