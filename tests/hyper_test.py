@@ -324,12 +324,25 @@ def test_combination_ids_enumerate_the_subsets(n, k):
         assert not row[c].any()
 
 
+def random_adapters(keys, m, d, b):
+    """M adapters with O(1) entries (``experts.ADAPTER_KEYS``)."""
+    shapes = {"w_down": (m, d, b), "b_down": (m, b), "w_up": (m, b, d), "b_up": (m, d)}
+    return {k: jax.random.normal(key, shape) for key, (k, shape) in zip(keys, shapes.items())}
+
+
+def per_token_adapters(a, x, ids):
+    """Reference: each token's adapter weights gathered per token, then applied."""
+    w = {k: v[ids] for k, v in a.items()}
+    h = jnp.maximum(jnp.einsum("td,tdb->tb", x, w["w_down"]) + w["b_down"], 0.0)
+    return jnp.einsum("tb,tbd->td", h, w["w_up"]) + w["b_up"]
+
+
 @pytest.mark.parametrize(
     "impl,capacity_factor,skewed",
     [
         ("blocked", None, False),  # the exact blocked layout only
         ("blocked", 1.5, False),  # every adapter within capacity: the [M, cap, d] fast path
-        ("blocked", 1.5, True),  # one adapter over capacity: lax.cond falls back to blocked
+        ("blocked", 1.5, True),  # one adapter over capacity: the switch falls back to blocked
         ("ragged_dot", None, True),
         ("onehot", None, True),
     ],
@@ -338,12 +351,7 @@ def test_grouped_impls_equal_per_token_weights(impl, capacity_factor, skewed):
     key = jax.random.PRNGKey(0)
     m, t, d, b = 5, 256, 12, 5
     ks = jax.random.split(key, 7)
-    adapters = {
-        "w_down": jax.random.normal(ks[0], (m, d, b)),
-        "b_down": jax.random.normal(ks[1], (m, b)),
-        "w_up": jax.random.normal(ks[2], (m, b, d)),
-        "b_up": jax.random.normal(ks[3], (m, d)),
-    }
+    adapters = random_adapters(ks[:4], m, d, b)
     x = jax.random.normal(ks[4], (t, d))
     ids = jax.random.randint(ks[5], (t,), 0, m)
     if skewed:  # 60% of the tokens on adapter 0, adapter m-1 unused
@@ -356,10 +364,8 @@ def test_grouped_impls_equal_per_token_weights(impl, capacity_factor, skewed):
         assert "cond[" in str(jax.make_jaxpr(fn)(adapters, x))
         assert (int(jnp.bincount(ids, length=m).max()) > 80) == skewed
 
-    def loop(a, x):  # per-token weights, gathered
-        w = {k: v[ids] for k, v in a.items()}
-        h = jnp.maximum(jnp.einsum("td,tdb->tb", x, w["w_down"]) + w["b_down"], 0.0)
-        return jnp.einsum("tb,tbd->td", h, w["w_up"]) + w["b_up"]
+    def loop(a, x):
+        return per_token_adapters(a, x, ids)
 
     np.testing.assert_allclose(fn(adapters, x), loop(adapters, x), rtol=RTOL, atol=1e-4)
     cot = jax.random.normal(key, (t, d))
@@ -376,12 +382,7 @@ def test_grouped_layout_switch_with_residual_and_mask(skew):
     key = jax.random.PRNGKey(1)
     m, t, d, b = 8, 512, 12, 5
     ks = jax.random.split(key, 9)
-    adapters = {
-        "w_down": jax.random.normal(ks[0], (m, d, b)),
-        "b_down": jax.random.normal(ks[1], (m, b)),
-        "w_up": jax.random.normal(ks[2], (m, b, d)),
-        "b_up": jax.random.normal(ks[3], (m, d)),
-    }
+    adapters = random_adapters(ks[:4], m, d, b)
     x = jax.random.normal(ks[4], (t, d))
     residual = jax.random.normal(ks[5], (t, d))
     mask = jax.random.uniform(ks[6], (t,)) < 0.8
@@ -397,10 +398,7 @@ def test_grouped_layout_switch_with_residual_and_mask(skew):
                                          token_mask=mask, block_size=16)
 
     def loop(a, x, r):
-        w = {k: v[ids] for k, v in a.items()}
-        h = jnp.maximum(jnp.einsum("td,tdb->tb", x, w["w_down"]) + w["b_down"], 0.0)
-        y = jnp.einsum("tb,tbd->td", h, w["w_up"]) + w["b_up"]
-        return r + y * mask[:, None]
+        return r + per_token_adapters(a, x, ids) * mask[:, None]
 
     np.testing.assert_allclose(jax.jit(fn)(adapters, x, residual), loop(adapters, x, residual),
                                rtol=RTOL, atol=1e-4)
