@@ -300,25 +300,6 @@ def run_one(cfg: Config, num_experts: int) -> dict:
     times = {**layer_times, **he_times}
     ms = {k: _median(v) for k, v in times.items()}
 
-    def paired(num, den):  # median over repetitions of the per-repetition ratio
-        return statistics.median(a / b for a, b in zip(times[num], times[den]))
-
-    ratios = {
-        "hypermoe_over_switch_train_step": paired("hypermoe_train_step", "switch_train_step"),
-        "hypermoe_over_switch_forward": paired("hypermoe_forward", "switch_forward"),
-        "hyper_expert_speedup_forward":
-            ms["hyper_expert_literal_forward"] / ms["hyper_expert_efficient_forward"],
-        "hyper_expert_speedup_train_step":
-            ms["hyper_expert_literal_train_step"] / ms["hyper_expert_efficient_train_step"],
-    }
-    if cfg.time_fused:
-        ratios["hypermoe_fused_over_switch_train_step"] = paired(
-            "hypermoe_fused_train_step", "switch_train_step")
-        ratios["hypermoe_fused_over_switch_forward"] = paired(
-            "hypermoe_fused_forward", "switch_forward")
-    ratios = {k: round(v, 4) for k, v in ratios.items()}
-    # For comparison with the paired ratios above: the ratio of the medians, and of the fastest
-    # calls, of the same timings.
     layer_pairs = {
         "hypermoe_over_switch_train_step": ("hypermoe_train_step", "switch_train_step"),
         "hypermoe_over_switch_forward": ("hypermoe_forward", "switch_forward"),
@@ -328,6 +309,17 @@ def run_one(cfg: Config, num_experts: int) -> dict:
             "hypermoe_fused_train_step", "switch_train_step")
         layer_pairs["hypermoe_fused_over_switch_forward"] = (
             "hypermoe_fused_forward", "switch_forward")
+    ratios = {  # layers: median over repetitions of the per-repetition ratio
+        name: statistics.median(a / b for a, b in zip(times[num], times[den]))
+        for name, (num, den) in layer_pairs.items()
+    }
+    ratios["hyper_expert_speedup_forward"] = (
+        ms["hyper_expert_literal_forward"] / ms["hyper_expert_efficient_forward"])
+    ratios["hyper_expert_speedup_train_step"] = (
+        ms["hyper_expert_literal_train_step"] / ms["hyper_expert_efficient_train_step"])
+    ratios = {k: round(v, 4) for k, v in ratios.items()}
+    # For comparison with the paired layer ratios: the ratio of the medians, and of the fastest
+    # calls, of the same timings.
     other_estimates = {
         "ratio_of_medians": {
             name: round(ms[num] / ms[den], 4) for name, (num, den) in layer_pairs.items()},

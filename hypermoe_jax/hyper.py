@@ -473,8 +473,9 @@ def _blocked_layout(blk, num_blocks, precision, adapters, x, idx):
 
 
 def _mask_and_add(out: Array, residual: Array | None, token_mask: Array | None) -> Array:
+    """``residual + out`` with ``out`` zeroed where the token mask <bool>[...] is False."""
     if token_mask is not None:
-        out = jnp.where(token_mask[:, None], out, jnp.zeros((), out.dtype))
+        out = jnp.where(token_mask[..., None], out, jnp.zeros((), out.dtype))
     if residual is not None:
         out = residual + out.astype(residual.dtype)
     return out
@@ -910,10 +911,8 @@ class SparseMlp(nn.Module):
             return self._dense_hyper_experts(x, y, aux.expert_index, hyper_inputs, active_k,
                                              padding_mask), aux
         if hyper_kind == "share":
-            extra = self.share_adapter(x)
-            if padding_mask is not None:
-                extra = extra * (padding_mask > 0)[..., None].astype(extra.dtype)
-            y = y + extra.astype(y.dtype)
+            mask = None if padding_mask is None else padding_mask > 0
+            y = _mask_and_add(self.share_adapter(x), y, mask)
         return y, aux
 
     def _dense_hyper_experts(self, x, y, expert_index, hyper_inputs, active_k, padding_mask):

@@ -66,19 +66,24 @@ def _combine_einsum(y_e: Array, weights: Array) -> Array:
     return jnp.einsum("gsec,egcd->gsd", weights.astype(y_e.dtype), y_e)
 
 
+def _per_slot(values: Array, slot_ids: Array, num_slots: int, fill) -> Array:
+    """Each kept choice's value at its slot: <[G_l, S, K]> -> <[G_l, E*C]>, ``fill`` in the empty
+    slots (a slot holds at most one choice; choices not kept, slot ``E * C``, are dropped)."""
+    num_groups = slot_ids.shape[0]
+    out = jnp.full((num_groups, num_slots), fill, values.dtype)
+    return out.at[jnp.arange(num_groups)[:, None], slot_ids.reshape(num_groups, -1)].set(
+        values.reshape(num_groups, -1), mode="drop")
+
+
 def _dispatch_gather(x: Array, slot_ids: Array, num_experts: int, capacity: int) -> Array:
     """Gathers each slot's token: [G_l, S, d], <int32>[G_l, S, K] -> [E, G_l, C, d].
 
     ``slot_ids`` holds ``e * C + c`` for kept choices and ``E * C`` for the rest.
     """
     num_groups, group_size, d_model = x.shape
-    num_slots = num_experts * capacity
-    tokens = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], slot_ids.shape[1:])
+    tokens = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], slot_ids.shape)
     # [G_l, E*C] token of each slot; empty slots point at an appended zero row (index S).
-    token_of_slot = jnp.full((num_groups, num_slots), group_size, jnp.int32)
-    token_of_slot = token_of_slot.at[
-        jnp.arange(num_groups)[:, None], slot_ids.reshape(num_groups, -1)
-    ].set(tokens.reshape(1, -1).repeat(num_groups, 0), mode="drop")
+    token_of_slot = _per_slot(tokens, slot_ids, num_experts * capacity, group_size)
     x_pad = jnp.concatenate([x, jnp.zeros((num_groups, 1, d_model), x.dtype)], axis=1)
     x_e = jax.vmap(lambda rows, idx: rows[idx])(x_pad, token_of_slot)  # [G_l, E*C, d]
     return x_e.reshape(num_groups, num_experts, capacity, d_model).transpose(1, 0, 2, 3)
@@ -150,13 +155,8 @@ def _local_experts(
         if dispatch_impl == "einsum":
             slot_gate = jnp.sum(combine, axis=1).transpose(1, 0, 2)  # [E, G_l, C]
         else:
-            num_groups = slot_ids.shape[0]
-            slot_gate = jnp.zeros((num_groups, num_experts * capacity + 1), gates.dtype)
-            slot_gate = slot_gate.at[
-                jnp.arange(num_groups)[:, None], slot_ids.reshape(num_groups, -1)
-            ].add(gates.reshape(num_groups, -1))
-            slot_gate = slot_gate[:, :-1].reshape(num_groups, num_experts, capacity)
-            slot_gate = slot_gate.transpose(1, 0, 2)  # [E, G_l, C]
+            slot_gate = _per_slot(gates, slot_ids, num_experts * capacity, 0)
+            slot_gate = slot_gate.reshape(-1, num_experts, capacity).transpose(1, 0, 2)
         if expert_axis is not None:
             slot_gate = jax.lax.all_to_all(slot_gate, expert_axis, split_axis=0, concat_axis=1,
                                            tiled=True)
