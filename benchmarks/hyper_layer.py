@@ -9,7 +9,7 @@ literal per-token form of the official code.
    (``HyperExpertGenerator`` + ``apply_hyper_experts``: N adapters, tokens grouped by adapter)
    against the literal form (hypernetwork run per token, per-token weights ``[T, d, b]``
    materialised and applied), forward and train step; the two are checked to agree.
-3. The dense placement's grouped-matmul options (``hyper.GROUPED_IMPLS``) on the same adapters.
+3. The dense placement's grouped-matmul options (``grouped.GROUPED_IMPLS``) on the same adapters.
 
 Every measurement set is timed interleaved (one timed call of each function per repetition, each
 after an untimed call of the same function; the order rotates): the forward passes form one set,
@@ -48,7 +48,11 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from hypermoe_jax import hyper
+from hypermoe_jax.layers import backend, hyper_experts, variants
+from hypermoe_jax.layers import grouped as grouped_lib
+from hypermoe_jax.layers.dispatch import DispatchConfig
+from hypermoe_jax.layers.experts import ExpertsConfig
+from hypermoe_jax.layers.hyper_experts import HyperExpertsConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "hyper_layer.json"
 TARGETS = {
@@ -70,8 +74,8 @@ class Config:
     group_size: int = 512
     train_capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
-    dispatch_impl: str = "einsum"
-    grouped_impl: str = "blocked"
+    dispatch_impl: str = "auto"  # by backend (layers/backend.py)
+    grouped_impl: str = "auto"
     compare_grouped_impls: bool = True
     time_fused: bool = True
     repetitions: int = 15  # layer timings (a few % apart: many repetitions)
@@ -190,19 +194,18 @@ def run_one(cfg: Config, num_experts: int) -> dict:
     cot = jax.random.normal(jax.random.fold_in(key, 2), x.shape) * d**-0.5
 
     common = dict(
-        num_experts=num_experts,
-        expert_hidden_dim=f,
-        train_capacity_factor=cfg.train_capacity_factor,
-        eval_capacity_factor=cfg.eval_capacity_factor,
-        group_size=cfg.group_size,
-        dispatch_impl=cfg.dispatch_impl,
+        experts=ExpertsConfig(num_experts=num_experts, hidden_dim=f),
+        dispatch=DispatchConfig(train_capacity_factor=cfg.train_capacity_factor,
+                                eval_capacity_factor=cfg.eval_capacity_factor,
+                                group_size=cfg.group_size, impl=cfg.dispatch_impl),
     )
-    switch = hyper.SparseMlp(variant="switch", **common)
-    dense = hyper.SparseMlp(variant="hypermoe", placement="dense",
-                            grouped_impl=cfg.grouped_impl, **common)
-    fused = hyper.SparseMlp(variant="hypermoe", placement="fused", **common)
-    gen = hyper.HyperExpertGenerator(num_layers=1, num_experts=num_experts, num_selected=1,
-                                     d_model=d, bottleneck_dim=b)
+    hcfg = HyperExpertsConfig(bottleneck_dim=b, grouped_impl=cfg.grouped_impl)
+    switch = variants.SparseMlp(variants.moe_config("switch", **common))
+    dense = variants.SparseMlp(variants.moe_config("hypermoe", hyper_experts=hcfg, **common))
+    fused = variants.SparseMlp(variants.moe_config(
+        "hypermoe", hyper_experts=dataclasses.replace(hcfg, placement="fused"), **common))
+    gen = hyper_experts.HyperExpertGenerator(num_layers=1, num_experts=num_experts,
+                                             num_selected=1, d_model=d, config=hcfg)
     switch_params = nn.unbox(jax.jit(switch.init)(jax.random.fold_in(key, 3), x)["params"])
     gen_params = nn.unbox(jax.jit(gen.init)(jax.random.fold_in(key, 4))["params"])
     # Give the HyperExperts O(1) weights (at init the hyperfanin heads make them ~1e-3; the
@@ -251,8 +254,8 @@ def run_one(cfg: Config, num_experts: int) -> dict:
 
     def efficient(params, xt, idx):
         hi = jax.tree.map(lambda a: a[0], gen.apply({"params": params}))
-        return hyper.apply_hyper_experts(hi, xt, idx, num_experts=num_experts,
-                                         impl=cfg.grouped_impl)
+        return hyper_experts.apply_hyper_experts(hi, xt, idx, num_experts=num_experts,
+                                                 impl=cfg.grouped_impl)
 
     def literal(params, xt, idx):
         return literal_hyper_expert(params, 0, xt, idx, num_experts)
@@ -282,9 +285,9 @@ def run_one(cfg: Config, num_experts: int) -> dict:
             gen_params)
         ids = expert_index[:, 0]
         grouped_fns = {}
-        for impl in hyper.GROUPED_IMPLS:
+        for impl in grouped_lib.GROUPED_IMPLS:
             def apply(a, xt, ids, impl=impl):
-                return hyper.grouped_adapter_mlp(a, xt, ids, impl=impl)
+                return grouped_lib.grouped_adapter_mlp(a, xt, ids, impl=impl)
 
             grouped_fns[f"{impl}_forward"] = functools.partial(jax.jit(apply), adapters, xt, ids)
             grouped_fns[f"{impl}_train_step"] = functools.partial(
@@ -366,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument("--repetitions", type=int, default=None)
-    parser.add_argument("--dispatch-impl", default=None, help="MoeLayer dispatch_impl")
+    parser.add_argument("--dispatch-impl", default=None,
+                        help="DispatchConfig.impl (default: auto, by backend)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     overrides = {"repetitions": args.repetitions, "dispatch_impl": args.dispatch_impl}
@@ -402,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             **dataclasses.asdict(cfg),
             "num_selected": 1,
             "activation": "relu",
+            "resolved": {"dispatch": backend.resolve("dispatch", cfg.dispatch_impl),
+                         "grouped_matmul": backend.resolve("grouped_matmul", cfg.grouped_impl)},
             "dtype": "float32",
             "hyper": {
                 "expert_embed_dim": 128, "selection_dims": [128, 128], "layer_embed_dim": 10,

@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from hypermoe_jax import moe_layer, routing
+from hypermoe_jax.layers import dispatch, moe_layer, routing
+from hypermoe_jax.layers.experts import ExpertsConfig
+from hypermoe_jax.layers.routers import RouterConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "moe_layer.json"
 TARGET_RATIO = 1.3  # moe / dense at E=8, capacity factor 1.0
@@ -51,7 +53,7 @@ class Config:
     capacity_factors: tuple[float, ...] = (1.0, 1.25)
     group_size: int = 512  # tokens per routing group S: dispatch costs O(S * E * C) = O(cf S^2)
     seq_len: int = 512
-    dispatch_impls: tuple[str, ...] = moe_layer.DISPATCH_IMPLS
+    dispatch_impls: tuple[str, ...] = dispatch.DISPATCH_IMPLS
     repetitions: int = 7
     warmup: int = 1
 
@@ -89,15 +91,12 @@ def _dense_step(x: jax.Array, key: jax.Array):
 
 def _moe_step(cfg: Config, num_experts: int, cf: float, dispatch_impl: str, x: jax.Array):
     layer = moe_layer.MoeLayer(
-        num_experts=num_experts,
-        expert_hidden_dim=cfg.hidden_dim,
-        num_selected=1,
-        activation="relu",
-        train_capacity_factor=cf,
-        eval_capacity_factor=cf,
-        min_capacity=1,
-        group_size=cfg.group_size,
-        dispatch_impl=dispatch_impl,
+        experts=ExpertsConfig(num_experts=num_experts, hidden_dim=cfg.hidden_dim,
+                              activation="relu"),
+        router=RouterConfig(num_selected=1),
+        dispatch=dispatch.DispatchConfig(train_capacity_factor=cf, eval_capacity_factor=cf,
+                                         min_capacity=1, group_size=cfg.group_size,
+                                         impl=dispatch_impl),
     )
     params = nn.unbox(layer.init(jax.random.key(1), x)["params"])
 
@@ -209,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument("--group-size", type=int, default=None, help="tokens per routing group")
     parser.add_argument(
-        "--dispatch-impl", choices=moe_layer.DISPATCH_IMPLS, default=None, help="only this one"
+        "--dispatch-impl", choices=dispatch.DISPATCH_IMPLS, default=None, help="only this one"
     )
     parser.add_argument("--repetitions", type=int, default=None)
     args = parser.parse_args(argv)

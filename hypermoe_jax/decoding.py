@@ -279,3 +279,35 @@ def beam_search(
     scores = jnp.where(none_finished[:, None], alive_scores, fin_scores)
     # top_k sorted descending; return ascending (best last).
     return seqs[:, ::-1], scores[:, ::-1]
+
+
+def decode(decode_fn: Callable[..., tuple[Array, Array]], prompt: Array, cache: Any,
+           tokens_to_logits: TokensToLogits, *, eos_id: int, rng: Array | None = None,
+           num_decodes: int = 1, **decoder_params) -> tuple[Array, Array]:
+    """Runs ``beam_search`` (``num_decodes`` beams) or a sampler (``num_decodes`` samples; a
+    functools.partial of either, e.g. from gin, works too) the same way: returns ``(sequences
+    <int32>[B, N, L], scores [B, N])`` in ascending score order, the best decode last."""
+    base = getattr(decode_fn, "func", decode_fn)
+    if base is beam_search or getattr(base, "__name__", "") == "beam_search":
+        return decode_fn(prompt, cache, tokens_to_logits, eos_id=eos_id, beam_size=num_decodes,
+                         **decoder_params)
+    if rng is None and decoder_params.get("temperature", 1.0) != 0.0:
+        rng = jax.random.PRNGKey(0)
+    seqs, scores = decode_fn(prompt, cache, tokens_to_logits, eos_id=eos_id, rng=rng,
+                             num_decodes=num_decodes, **decoder_params)
+    order = jnp.argsort(scores, axis=-1)
+    return (jnp.take_along_axis(seqs, order[:, :, None], axis=1),
+            jnp.take_along_axis(scores, order, axis=1))
+
+
+def shift_left(x: Array) -> Array:
+    """Input-aligned -> target-aligned (position i gets x[i + 1]; the last becomes 0)."""
+    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+
+
+def remove_prompt(seqs: Array, prompt_len: Array) -> Array:
+    """seqs [B, N, L]; prompt_len [B] -> the continuation of each row, left-aligned."""
+    length = seqs.shape[-1]
+    idx = jnp.arange(length)[None, None, :] + prompt_len[:, None, None]
+    out = jnp.take_along_axis(seqs, jnp.minimum(idx, length - 1), axis=-1)
+    return jnp.where(idx < length, out, 0)

@@ -1,4 +1,4 @@
-"""T5X-protocol models wrapping the transformer modules: losses, metrics, scoring, decoding.
+"""T5X-protocol models wrapping the architectures: losses, metrics, scoring, decoding.
 
 ``EncoderDecoderModel`` and ``DecoderOnlyModel`` follow T5X's ``BaseTransformerModel`` protocol
 (``loss_fn``, ``eval_fn``, ``predict_batch``, ``predict_batch_with_aux``, ``score_batch``,
@@ -26,14 +26,14 @@ caller that knows nothing about ``frozen`` (e.g. a plain T5X train state) would 
 the variables together; gradients of ``frozen`` leaves are then exactly zero.
 
 Experts per token: SMoE-Dropout grows k during training. With a ``KSchedule`` the model computes
-``k = routing.linear_k_schedule(step, ...)`` from the ``step`` keyword of ``loss_fn`` (a caller
+``k = linear_k_schedule(step, ...)`` from the ``step`` keyword of ``loss_fn`` (a caller
 that passes no step trains with k_max). Evaluation, scoring and decoding use ``eval_active_k``
 (None = all ``num_selected``), or the ``active_k`` keyword of each call (any-k inference).
 
-MoE aux losses: the load-balance and router z-losses of all MoE layers (both stacks) are averaged
-over layers, scaled by ``aux_loss_factor`` (0.01) and ``router_z_loss_factor`` (0.001), and added
-to the loss. Per-layer routing metrics are reported as ``moe/<stack>/layer_<i>/<name>`` with i the
-block index within the stack.
+MoE aux losses (``losses``): the load-balance and router z-losses of all MoE layers (both stacks)
+are averaged over layers, scaled by ``aux_loss_factor`` (0.01) and ``router_z_loss_factor``
+(0.001), and added to the loss. Per-layer routing metrics are reported as
+``moe/<stack>/layer_<i>/<name>`` with i the block index within the stack.
 """
 
 from __future__ import annotations
@@ -47,16 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from hypermoe_jax import decoding, moe_layer, routing, transformer
+from hypermoe_jax import architectures as arch
+from hypermoe_jax import decoding, losses
+from hypermoe_jax.layers.routing import linear_k_schedule
 
 Array = jax.Array
 PyTree = Any
-NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
-NUM_TOTAL_TARGET_TOKENS = "NUM_TOTAL_TARGET_TOKENS"
-AVERAGE_PER_SEQUENCE = "AVERAGE_PER_SEQUENCE"
-_SPECIAL_FACTORS = (NUM_REAL_TARGET_TOKENS, NUM_TOTAL_TARGET_TOKENS, AVERAGE_PER_SEQUENCE)
 # Collections created only while applying (never part of a model's state).
-_TRANSIENT = (transformer.CACHE, "intermediates")
+_TRANSIENT = (arch.CACHE, arch.INTERMEDIATES)
 
 
 class _SeqioClass:
@@ -82,101 +80,6 @@ class KSchedule:
 
 
 # --------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------
-
-
-def cross_entropy_with_logits(
-    logits: Array, targets: Array, label_smoothing: float = 0.0, z_loss: float = 0.0
-) -> tuple[Array, Array]:
-    """Per-token cross entropy with label smoothing and the output z-loss.
-
-    Label smoothing puts ``1 - s`` on the target and ``s / (V - 1)`` on every other token; the
-    entropy of that distribution is subtracted so a perfect prediction has loss 0. The z-loss
-    ``z_loss * logsumexp(logits)^2`` keeps the softmax normaliser near 1.
-
-    Returns ``(loss [..], z_loss_term [..])``, the loss already including the z term.
-    """
-    vocab = logits.shape[-1]
-    logits = logits.astype(jnp.float32)
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / max(vocab - 1, 1)
-    normalizer = -(
-        confidence * np.log(confidence)
-        + (vocab - 1) * low * np.log(low + 1e-20)
-    ) if label_smoothing > 0 else 0.0
-    onehot = jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
-    soft = onehot * confidence + (1.0 - onehot) * low
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    log_softmax = logits - log_z[..., None]
-    loss = -jnp.sum(soft * log_softmax, axis=-1) - normalizer
-    z_term = z_loss * jnp.square(log_z)
-    return loss + z_term, z_term
-
-
-def loss_normalizing_factor_and_weights(
-    factor: float | str | None, targets: Array, weights: Array
-) -> tuple[float | Array | None, Array]:
-    """Resolves a T5X-style loss normalising factor (None = sum over tokens). Special factors are
-    strings or enum members with those names (T5X's ``SpecialLossNormalizingFactor``)."""
-    factor = _factor_name(factor)
-    if factor is None or not isinstance(factor, str):
-        return factor, weights
-    if factor == NUM_REAL_TARGET_TOKENS:
-        return jnp.sum(weights), weights
-    if factor == NUM_TOTAL_TARGET_TOKENS:
-        return float(np.prod(targets.shape)), weights
-    if factor == AVERAGE_PER_SEQUENCE:
-        per_seq = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-9)
-        return float(targets.shape[0]), weights / per_seq
-    raise ValueError(
-        f"Unknown loss_normalizing_factor {factor!r}; use None, a number or one of "
-        f"{_SPECIAL_FACTORS}."
-    )
-
-
-def _factor_name(factor):
-    name = getattr(factor, "name", None)
-    return name if isinstance(name, str) and not isinstance(factor, str) else factor
-
-
-def moe_losses_and_metrics(
-    aux: Mapping[str, moe_layer.MoeAux | None],
-    layer_indices: Mapping[str, list[int]],
-) -> tuple[Array, Array, dict[str, Array]]:
-    """Averages the aux losses over all MoE layers and flattens per-layer metrics.
-
-    Args:
-      aux: stack name -> ``MoeAux`` stacked over that stack's MoE layers ([P, ...]) or None.
-      layer_indices: stack name -> block index of each MoE layer.
-
-    Returns:
-      ``(load_balance_loss, router_z_loss, metrics)``; the losses are 0 for a dense model.
-    """
-    lbs, zs, metrics = [], [], {}
-    for stack, a in aux.items():
-        if a is None:
-            continue
-        lbs.append(a.load_balance_loss)
-        zs.append(a.z_loss)
-        for j, layer in enumerate(layer_indices[stack]):
-            prefix = f"moe/{stack}/layer_{layer}/"
-            for name, value in a.metrics.items():
-                metrics[prefix + name] = value[j]
-            metrics[prefix + "load_balance_loss"] = a.load_balance_loss[j]
-            metrics[prefix + "router_z_loss"] = a.z_loss[j]
-    if not lbs:
-        zero = jnp.zeros((), jnp.float32)
-        return zero, zero, metrics
-    lb = jnp.mean(jnp.concatenate(lbs))
-    z = jnp.mean(jnp.concatenate(zs))
-    for name in ("dropped_fraction", "router_entropy", "router_confidence"):
-        values = [v for k, v in metrics.items() if k.endswith("/" + name)]
-        metrics[f"moe/{name}"] = jnp.mean(jnp.stack(values))
-    return lb, z, metrics
-
-
-# --------------------------------------------------------------------------------------------
 # Base model
 # --------------------------------------------------------------------------------------------
 
@@ -185,7 +88,7 @@ class BaseTransformerModel:
     """Shared logic of the encoder-decoder and decoder-only models.
 
     Args:
-      module: ``transformer.EncoderDecoder`` / ``transformer.DecoderOnly``.
+      module: ``arch.EncoderDecoder`` / ``arch.DecoderOnly``.
       input_vocabulary, output_vocabulary: seqio vocabularies (EOS id for decoding).
       optimizer_def: kept for the T5X protocol (the trainer applies it to ``params`` only).
       decode_fn: ``decoding.beam_search`` or ``decoding.temperature_sample``.
@@ -214,7 +117,7 @@ class BaseTransformerModel:
         decode_fn: Callable[..., Any] | None = None,
         label_smoothing: float = 0.0,
         z_loss: float = 1e-4,
-        loss_normalizing_factor: float | str | None = NUM_REAL_TARGET_TOKENS,
+        loss_normalizing_factor: float | str | None = losses.NUM_REAL_TARGET_TOKENS,
         aux_loss_factor: float = 0.01,
         router_z_loss_factor: float = 0.001,
         k_schedule: KSchedule | None = None,
@@ -224,13 +127,13 @@ class BaseTransformerModel:
     ):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        loss_normalizing_factor = _factor_name(loss_normalizing_factor)
+        loss_normalizing_factor = losses.factor_name(loss_normalizing_factor)
         if isinstance(loss_normalizing_factor, str) and (
-            loss_normalizing_factor not in _SPECIAL_FACTORS
+            loss_normalizing_factor not in losses.SPECIAL_FACTORS
         ):
             raise ValueError(
                 f"Unknown loss_normalizing_factor {loss_normalizing_factor!r}; use None, a number "
-                f"or one of {_SPECIAL_FACTORS}."
+                f"or one of {losses.SPECIAL_FACTORS}."
             )
         self.module = module
         self.input_vocabulary = input_vocabulary
@@ -262,7 +165,7 @@ class BaseTransformerModel:
     # -- variables --------------------------------------------------------------------------
 
     @property
-    def config(self) -> transformer.TransformerConfig:
+    def config(self) -> arch.TransformerConfig:
         return self.module.config
 
     @staticmethod
@@ -277,9 +180,9 @@ class BaseTransformerModel:
         try:
             return self.module.apply(variables, *args, **kwargs)
         except Exception as e:  # a missing 'frozen' collection gives an obscure flax error
-            if routing.FROZEN not in variables and routing.FROZEN in str(e):
+            if arch.FROZEN not in variables and arch.FROZEN in str(e):
                 raise ValueError(
-                    f"This model has non-trainable variables in the {routing.FROZEN!r} collection "
+                    f"This model has non-trainable variables in the {arch.FROZEN!r} collection "
                     "(HyperRouter / SMoE-Dropout routers); pass them as "
                     "flax_mutables={'frozen': ...} or pass the full variable dict as params."
                 ) from e
@@ -300,7 +203,7 @@ class BaseTransformerModel:
         args, kwargs = self._module_inputs(batch)
         params_rng, dropout_rng, jitter_rng = jax.random.split(rng, 3)
         variables = self.module.init(
-            {"params": params_rng, "dropout": dropout_rng, routing.JITTER: jitter_rng},
+            {arch.PARAMS: params_rng, arch.DROPOUT: dropout_rng, arch.JITTER: jitter_rng},
             *args, **kwargs, enable_dropout=False,
         )
         return {k: v for k, v in variables.items() if k not in _TRANSIENT}
@@ -317,7 +220,7 @@ class BaseTransformerModel:
                 "KSchedule.total_steps is None: training with a growing k needs the length of "
                 "the schedule (model gins bind it to TRAIN_STEPS).")
         k_max = sched.k_max or self.config.moe.num_selected
-        return routing.linear_k_schedule(step, sched.total_steps, sched.k_min, k_max)
+        return linear_k_schedule(step, sched.total_steps, sched.k_min, k_max)
 
     def _eval_k(self, active_k):
         return self.eval_active_k if active_k is None else active_k
@@ -330,7 +233,7 @@ class BaseTransformerModel:
         rngs = None
         if dropout_rng is not None:
             drop, jitter = jax.random.split(dropout_rng)
-            rngs = {"dropout": drop, routing.JITTER: jitter}
+            rngs = {arch.DROPOUT: drop, arch.JITTER: jitter}
         return self._apply(
             params, flax_mutables, *args, **kwargs, enable_dropout=dropout_rng is not None,
             active_k=active_k, rngs=rngs,
@@ -342,10 +245,10 @@ class BaseTransformerModel:
         weights = (targets > 0) if weights is None else weights
         weights = weights.astype(jnp.float32)
         token_weights = weights
-        factor, weights = loss_normalizing_factor_and_weights(
+        factor, weights = losses.loss_normalizing_factor_and_weights(
             self.loss_normalizing_factor, targets, weights
         )
-        token_loss, token_z = cross_entropy_with_logits(
+        token_loss, token_z = losses.cross_entropy_with_logits(
             logits, targets, self.label_smoothing, self.z_loss
         )
         loss = jnp.sum(token_loss * weights)
@@ -354,10 +257,10 @@ class BaseTransformerModel:
             loss = loss / factor
             z_loss = z_loss / factor
         layer_indices = {
-            name: transformer.sparse_layer_indices(n, step)
+            name: arch.sparse_layer_indices(n, step)
             for name, (n, step) in self._stacks().items()
         }
-        lb, rz, moe_metrics = moe_losses_and_metrics(aux, layer_indices)
+        lb, rz, moe_metrics = losses.moe_losses_and_metrics(aux, layer_indices)
         total = loss + self.aux_loss_factor * lb + self.router_z_loss_factor * rz
         num_tokens = jnp.sum(batch["decoder_target_tokens"] > 0).astype(jnp.float32)
         weight_sum = jnp.sum(weights)
@@ -382,22 +285,7 @@ class BaseTransformerModel:
         }
         if active_k is not None:
             metrics["moe/active_k"] = jnp.asarray(active_k, jnp.float32)
-        return total, self._format_metrics(metrics)
-
-    def _format_metrics(self, metrics: dict[str, Array]) -> dict[str, Any]:
-        if not self.clu_metrics:
-            return metrics
-        from clu import metrics as clu_metrics_lib
-
-        out = {}
-        for name, value in metrics.items():
-            value = jnp.asarray(value, jnp.float32)
-            if value.ndim == 0:
-                out[name] = clu_metrics_lib.Average.from_model_output(value)
-            else:
-                for i, v in enumerate(value.reshape(-1)):
-                    out[f"{name}/{i}"] = clu_metrics_lib.Average.from_model_output(v)
-        return out
+        return total, losses.as_clu_metrics(metrics) if self.clu_metrics else metrics
 
     def loss_fn(
         self,
@@ -448,10 +336,10 @@ class BaseTransformerModel:
         if not return_intermediates:
             return scores
         layer_indices = {
-            name: transformer.sparse_layer_indices(n, step)
+            name: arch.sparse_layer_indices(n, step)
             for name, (n, step) in self._stacks().items()
         }
-        _, _, moe_metrics = moe_losses_and_metrics(aux, layer_indices)
+        _, _, moe_metrics = losses.moe_losses_and_metrics(aux, layer_indices)
         return scores, {"token_scores": token_scores, "moe_metrics": moe_metrics}
 
     # -- decoding ---------------------------------------------------------------------------
@@ -468,32 +356,12 @@ class BaseTransformerModel:
     def _decode(self, prompt, cache, tokens_to_logits, rng, decoder_params, num_decodes,
                 return_all_decodes):
         params = {**self.default_decoder_params, **dict(decoder_params or {})}
-        fn = self._decode_fn
-        base = getattr(fn, "func", fn)  # a functools.partial (e.g. from gin) of a decoder
-        if base is decoding.beam_search or getattr(base, "__name__", "") == "beam_search":
-            seqs, scores = fn(
-                prompt, cache, tokens_to_logits, eos_id=self._eos_id(), beam_size=num_decodes,
-                **params,
-            )
-        else:
-            if rng is None and params.get("temperature", 1.0) != 0.0:
-                rng = jax.random.PRNGKey(0)
-            seqs, scores = fn(
-                prompt, cache, tokens_to_logits, eos_id=self._eos_id(), rng=rng,
-                num_decodes=num_decodes, **params,
-            )
-            # Ascending by log probability: the best decode last (as beam search returns them).
-            order = jnp.argsort(scores, axis=-1)
-            seqs = jnp.take_along_axis(seqs, order[:, :, None], axis=1)
-            scores = jnp.take_along_axis(scores, order, axis=1)
+        seqs, scores = decoding.decode(self._decode_fn, prompt, cache, tokens_to_logits,
+                                       eos_id=self._eos_id(), rng=rng, num_decodes=num_decodes,
+                                       **params)
         if return_all_decodes:
             return seqs, {"scores": scores}
         return seqs[:, -1], {"scores": scores[:, -1]}
-
-
-def _shift_left(x: Array) -> Array:
-    """Input-aligned -> target-aligned (position i gets x[i + 1]; the last becomes 0)."""
-    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,7 +370,7 @@ def _shift_left(x: Array) -> Array:
 
 
 class EncoderDecoderModel(BaseTransformerModel):
-    """T5 / Switch / HyperMoE encoder-decoder (``transformer.EncoderDecoder``)."""
+    """T5 / Switch / HyperMoE encoder-decoder (``arch.EncoderDecoder``)."""
 
     FEATURE_CONVERTER_CLS = _SeqioClass("EncDecFeatureConverter")
 
@@ -549,30 +417,30 @@ class EncoderDecoderModel(BaseTransformerModel):
         dec_shape = batch["decoder_input_tokens"].shape
         encoded, _ = self._apply(
             params, flax_mutables, enc_tokens, enable_dropout=False, active_k=active_k,
-            method=transformer.EncoderDecoder.encode,
+            method=arch.EncoderDecoder.encode,
         )
         dummy = jnp.zeros(dec_shape, jnp.int32)
         _, init_vars = self._apply(
             params, flax_mutables, encoded, enc_tokens, dummy, dummy, enable_dropout=False,
-            decode=True, active_k=active_k, mutable=[transformer.CACHE],
-            method=transformer.EncoderDecoder.decode,
+            decode=True, active_k=active_k, mutable=[arch.CACHE],
+            method=arch.EncoderDecoder.decode,
         )
-        cache = init_vars[transformer.CACHE]
+        cache = init_vars[arch.CACHE]
         encoded_x = decoding.flat_batch_beam_expand(encoded, num_decodes)
         enc_tokens_x = decoding.flat_batch_beam_expand(enc_tokens, num_decodes)
         variables = self._variables(params, flax_mutables)
 
         def tokens_to_logits(state: decoding.DecodingState):
             (logits, _), new_vars = self.module.apply(
-                {**variables, transformer.CACHE: state.cache}, encoded_x, enc_tokens_x,
+                {**variables, arch.CACHE: state.cache}, encoded_x, enc_tokens_x,
                 state.cur_token, state.cur_token, enable_dropout=False, decode=True,
-                active_k=active_k, mutable=[transformer.CACHE],
-                method=transformer.EncoderDecoder.decode,
+                active_k=active_k, mutable=[arch.CACHE],
+                method=arch.EncoderDecoder.decode,
             )
-            return logits[:, -1], new_vars[transformer.CACHE]
+            return logits[:, -1], new_vars[arch.CACHE]
 
         if prompt_with_targets:
-            prompt = _shift_left(batch["decoder_input_tokens"])
+            prompt = decoding.shift_left(batch["decoder_input_tokens"])
         else:
             prompt = jnp.zeros(dec_shape, jnp.int32)
         return self._decode(prompt, cache, tokens_to_logits, rng, decoder_params, num_decodes,
@@ -584,16 +452,8 @@ class EncoderDecoderModel(BaseTransformerModel):
 # --------------------------------------------------------------------------------------------
 
 
-def _remove_prompt(seqs: Array, prompt_len: Array) -> Array:
-    """seqs [B, N, L]; prompt_len [B] -> the continuation of each row, left-aligned."""
-    length = seqs.shape[-1]
-    idx = jnp.arange(length)[None, None, :] + prompt_len[:, None, None]
-    out = jnp.take_along_axis(seqs, jnp.minimum(idx, length - 1), axis=-1)
-    return jnp.where(idx < length, out, 0)
-
-
 class DecoderOnlyModel(BaseTransformerModel):
-    """Decoder-only LM / prefix LM (``transformer.DecoderOnly``).
+    """Decoder-only LM / prefix LM (``arch.DecoderOnly``).
 
     Decoding continues the prompt (the prefix marked by ``decoder_causal_attention``; with
     ``prompt_with_targets`` all of ``decoder_input_tokens``) and returns the continuation only.
@@ -639,28 +499,28 @@ class DecoderOnlyModel(BaseTransformerModel):
             prompt_inputs = inputs * batch["decoder_causal_attention"]
         else:
             prompt_inputs = jnp.zeros_like(inputs)
-        prompt = _shift_left(prompt_inputs).astype(jnp.int32)
+        prompt = decoding.shift_left(prompt_inputs).astype(jnp.int32)
         prompt_len = jnp.sum(prompt > 0, axis=-1)
 
         dummy = jnp.zeros(inputs.shape, jnp.int32)
         _, init_vars = self._apply(
             params, flax_mutables, dummy, dummy, enable_dropout=False, decode=True,
-            active_k=active_k, mutable=[transformer.CACHE],
+            active_k=active_k, mutable=[arch.CACHE],
         )
-        cache = init_vars[transformer.CACHE]
+        cache = init_vars[arch.CACHE]
         variables = self._variables(params, flax_mutables)
 
         def tokens_to_logits(state: decoding.DecodingState):
             (logits, _), new_vars = self.module.apply(
-                {**variables, transformer.CACHE: state.cache}, state.cur_token,
+                {**variables, arch.CACHE: state.cache}, state.cur_token,
                 enable_dropout=False, decode=True, active_k=active_k,
-                mutable=[transformer.CACHE],
+                mutable=[arch.CACHE],
             )
-            return logits[:, -1], new_vars[transformer.CACHE]
+            return logits[:, -1], new_vars[arch.CACHE]
 
         seqs, aux = self._decode(prompt, cache, tokens_to_logits, rng, decoder_params,
                                  num_decodes, True)
-        seqs = _remove_prompt(seqs, prompt_len)
+        seqs = decoding.remove_prompt(seqs, prompt_len)
         if return_all_decodes:
             return seqs, aux
         return seqs[:, -1], {"scores": aux["scores"][:, -1]}

@@ -15,8 +15,8 @@ module                     tasks
 =========================  ==========================================================
 
 TFDS tasks read ``$TFDS_DATA_DIR`` (prepared datasets); their vocabulary is T5's sentencepiece
-model (``$HYPERMOE_T5_SPM``, see ``hypermoe_jax/vocab.py``). Local-file tasks take their paths
-from environment variables (``tasks/lm.py``) or the offline cache (``hypermoe_jax/data.py``).
+model (``$HYPERMOE_T5_SPM``, see ``hypermoe_jax/data/vocab.py``). Local-file tasks take their paths
+from environment variables (``tasks/lm.py``) or the offline cache (``hypermoe_jax/data/``).
 Feature lengths are given when a dataset is requested (``TASK_FEATURE_LENGTHS``).
 """
 

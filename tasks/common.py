@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import seqio
 
-from hypermoe_jax import vocab as vocab_lib
+from hypermoe_jax.data import vocab as vocab_lib
 
 # Every name registered by this package, in registration order.
 TASK_NAMES: list[str] = []

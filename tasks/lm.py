@@ -8,7 +8,7 @@
 
 Paths: ``$HYPERMOE_ENWIK8``, ``$HYPERMOE_TEXT8``, ``$HYPERMOE_WIKITEXT103``, or in gin::
 
-    hypermoe_jax.data.local_corpus_paths.enwik8 = '/data/enwik8'
+    hypermoe_jax.data.cache.local_corpus_paths.enwik8 = '/data/enwik8'
 
 Examples are consecutive pieces of ``TASK_FEATURE_LENGTHS['targets']`` tokens of the corpus
 (no padding inside a piece, no EOS); evaluate with the eval loss (bits per byte = loss / ln 2).
@@ -20,17 +20,17 @@ import os
 
 import tensorflow as tf
 
-from hypermoe_jax import data as data_lib
+from hypermoe_jax.data import cache, text
 from tasks import common, sources
 from tasks import preprocessors as pp
 
-ENV = data_lib.LOCAL_CORPUS_ENV
+ENV = cache.LOCAL_CORPUS_ENV
 WIKITEXT_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens",
                   "test": "wiki.test.tokens"}
 
 
 def _corpus_path(name: str) -> str:
-    path = data_lib.local_corpus_paths()[name]
+    path = cache.local_corpus_paths()[name]
     hint = {
         "enwik8": "the unzipped enwik8 file (http://mattmahoney.net/dc/enwik8.zip)",
         "text8": "the unzipped text8 file (http://mattmahoney.net/dc/text8.zip)",
@@ -39,7 +39,7 @@ def _corpus_path(name: str) -> str:
     if not path:
         raise FileNotFoundError(
             f"{name}_lm needs {hint}. Set {ENV[name]}=/path/to/it or bind "
-            f"hypermoe_jax.data.local_corpus_paths.{name} in gin. Offline, wiki_char_lm and "
+            f"hypermoe_jax.data.cache.local_corpus_paths.{name} in gin. Offline, wiki_char_lm and "
             "wiki_text8_lm (python -m hypermoe_jax.data fetch wiki) are the same formats on a "
             "small sample.")
     if not tf.io.gfile.exists(path):
@@ -51,7 +51,7 @@ def _corpus_path(name: str) -> str:
 def _byte_range(name: str):
     def resolve(split: str) -> tuple[str, int, int]:
         path = _corpus_path(name)
-        start, end = data_lib.split_ranges(tf.io.gfile.stat(path).length)[split]
+        start, end = text.split_ranges(tf.io.gfile.stat(path).length)[split]
         return path, start, end
 
     return resolve

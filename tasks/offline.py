@@ -13,7 +13,7 @@ Word level (the shared offline sentencepiece vocabulary, 8,000 pieces + 100 sent
   ``"negative"`` (an SST-2 stand-in; 10.2k / 1.3k / 1.3k examples), accuracy;
 - ``uci_sentiment``: the same format on the UCI labelled sentences (2.4k / 0.3k / 0.3k).
 
-Files come from ``$HYPERMOE_CACHE`` (see ``hypermoe_jax/data.py``); a missing dataset raises an
+Files come from ``$HYPERMOE_CACHE`` (see ``hypermoe_jax/data/``); a missing dataset raises an
 error saying which fetch command makes it.
 """
 
@@ -23,7 +23,7 @@ import functools
 
 import seqio
 
-from hypermoe_jax import data as data_lib
+from hypermoe_jax.data import catalog
 from tasks import common, sources
 from tasks import metrics as m
 from tasks import preprocessors as pp
@@ -33,7 +33,7 @@ SENTIMENT_LABELS = ("negative", "positive")
 
 def _split_file(dataset: str, pattern: str):
     def resolve(split: str) -> tuple[str, int, int]:
-        path = data_lib.require(dataset) / pattern.format(split=split)
+        path = catalog.require(dataset) / pattern.format(split=split)
         return str(path), 0, path.stat().st_size
 
     return resolve
@@ -41,7 +41,7 @@ def _split_file(dataset: str, pattern: str):
 
 def _lines(dataset: str, pattern: str = "{split}.txt"):
     def resolve(split: str) -> list[str]:
-        return [str(data_lib.require(dataset) / pattern.format(split=split))]
+        return [str(catalog.require(dataset) / pattern.format(split=split))]
 
     return resolve
 

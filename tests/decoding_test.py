@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import tiny_moe
 
-from hypermoe_jax import configs, decoding, models
-from hypermoe_jax import transformer as tr
+from hypermoe_jax import architectures as arch
+from hypermoe_jax import decoding, models
+from hypermoe_jax.architectures import sizes
 
 EOS = 1
 
@@ -169,15 +171,11 @@ VOCAB = 32
 
 
 def _config(variant):
-    return configs.sparse_t5(
-        "tiny", variant, 4, sparse_step=1, vocab_size=VOCAB, emb_dim=16, mlp_dim=32,
+    return sizes.sparse_t5(
+        "tiny", tiny_moe(variant, eval_capacity_factor=4.0, train_capacity_factor=4.0),
+        sparse_step=1, vocab_size=VOCAB, emb_dim=16, mlp_dim=32,
         num_heads=2, head_dim=8, dropout_rate=0.0, num_encoder_layers=2, num_decoder_layers=2,
         tied_embeddings=True,
-        moe_overrides=dict(
-            eval_capacity_factor=4.0, train_capacity_factor=4.0,
-            hyper_options=dict(bottleneck_dim=8, expert_embed_dim=8, selection_hidden_dim=8,
-                               selection_dim=8, hyper_hidden_dim=8),
-        ),
     )
 
 
@@ -203,7 +201,7 @@ def _shift_right(x):
 
 @pytest.fixture(scope="module")
 def encdec():
-    module = tr.EncoderDecoder(_config("hypermoe"))
+    module = arch.EncoderDecoder(_config("hypermoe"))
     rng = np.random.default_rng(1)
     enc = rng.integers(2, VOCAB, (2, 6)).astype(np.int32)
     enc[1, -2:] = 0
@@ -251,12 +249,9 @@ def test_encoder_decoder_cached_greedy_equals_full_reforward(encdec):
 
 
 def test_decoder_only_prompted_cached_equals_full_reforward():
-    module = tr.DecoderOnly(configs.decoder_only(
-        "tiny", "hypermoe", 4, sparse_step=2, num_layers=4, vocab_size=VOCAB, emb_dim=16,
-        mlp_dim=32, num_heads=2, head_dim=8, dropout_rate=0.0,
-        moe_overrides=dict(eval_capacity_factor=4.0, hyper_options=dict(
-            bottleneck_dim=8, expert_embed_dim=8, selection_hidden_dim=8, selection_dim=8,
-            hyper_hidden_dim=8)),
+    module = arch.DecoderOnly(sizes.decoder_only(
+        "tiny", tiny_moe("hypermoe", eval_capacity_factor=4.0), sparse_step=2, num_layers=4,
+        vocab_size=VOCAB, emb_dim=16, mlp_dim=32, num_heads=2, head_dim=8, dropout_rate=0.0,
     ))
     length = 8
     tokens = jnp.zeros((2, length), jnp.int32)
@@ -288,7 +283,7 @@ def test_beam_search_on_mesh_2x4x1_matches_one_device():
     one group per token shard, expert-parallel."""
     from hypermoe_jax import partitioning as part
 
-    module = tr.EncoderDecoder(_config("hypermoe"))
+    module = arch.EncoderDecoder(_config("hypermoe"))
     rng = np.random.default_rng(2)
     batch = {
         "encoder_input_tokens": jnp.asarray(rng.integers(2, VOCAB, (8, 6)), jnp.int32),

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from hypermoe_jax import configs, models
-from hypermoe_jax import transformer as tr
+from hypermoe_jax import architectures as arch
+from hypermoe_jax import models
+from hypermoe_jax.architectures import sizes
+from hypermoe_jax.layers.experts import ExpertsConfig
+from hypermoe_jax.layers.variants import moe_config
 
 # Hand count of Switch-base-8 (T5 v1.1 base dims; gated-GELU d_ff 2048 has as many weights as the
 # original ReLU d_ff 3072), for the record:
@@ -27,16 +30,16 @@ SWITCH_BASE_8 = (
 
 
 def test_switch_base_8_matches_published_count():
-    counts = configs.parameter_counts(configs.switch_base_8())
+    counts = sizes.parameter_counts(sizes.switch_base_8())
     assert counts["params"] == SWITCH_BASE_8
     assert abs(counts["params"] / 620e6 - 1) < 0.01, counts
     # Untied output embeddings (T5 v1.1 style) add one [vocab, d] matrix: ~644M, 3.9% over.
-    untied = configs.parameter_counts(configs.switch_base_8(tied_embeddings=False))
+    untied = sizes.parameter_counts(sizes.switch_base_8(tied_embeddings=False))
     assert untied["params"] - counts["params"] == V * D
 
 
 def test_t5_1_1_base_dense_count():
-    counts = configs.parameter_counts(configs.t5_1_1("base"))
+    counts = sizes.parameter_counts(sizes.t5_1_1("base"))
     assert abs(counts["params"] / 248e6 - 1) < 0.01, counts
 
 
@@ -44,7 +47,7 @@ def test_t5_1_1_base_dense_count():
     "name", ["hypermoe_base_8", "hyperrouter_base_8", "smoe_dropout_base_8", "moe_share_base_8"]
 )
 def test_variant_base_8_counts(name, record_property):
-    counts = configs.parameter_counts(getattr(configs, name)())
+    counts = sizes.parameter_counts(getattr(sizes, name)())
     switch = SWITCH_BASE_8
     extra = counts["params"] - switch
     record_property("params", counts["params"])
@@ -71,8 +74,9 @@ def test_variant_base_8_counts(name, record_property):
 
 
 def test_large_scanned_config_shapes_have_layer_axis():
-    cfg = configs.sparse_t5("large", "hypermoe", 16, remat_policy="full")
-    module = tr.EncoderDecoder(cfg)
+    cfg = sizes.sparse_t5("large", moe_config("hypermoe", experts=ExpertsConfig(num_experts=16)),
+                          remat_policy="full")
+    module = arch.EncoderDecoder(cfg)
     tokens = np.ones((2, 16), np.int32)
     boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens,
                                                enable_dropout=False))
@@ -86,14 +90,15 @@ def test_large_scanned_config_shapes_have_layer_axis():
 
 
 def test_decoder_only_and_model_initial_variables_shapes():
-    cfg = configs.decoder_only("base", "switch", 8, num_layers=12, vocab_size=32128)
-    model = models.DecoderOnlyModel(tr.DecoderOnly(cfg))
+    cfg = sizes.decoder_only("base", moe_config("switch", experts=ExpertsConfig(num_experts=8)),
+                             num_layers=12, vocab_size=32128)
+    model = models.DecoderOnlyModel(arch.DecoderOnly(cfg))
     shapes = {"decoder_input_tokens": (4, 32), "decoder_target_tokens": (4, 32),
               "decoder_loss_weights": (4, 32)}
     boxed = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes))
     assert set(boxed) == {"params"}
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(boxed)))
-    counts = configs.parameter_counts(cfg, decoder_only=True)
+    counts = sizes.parameter_counts(cfg, decoder_only=True)
     assert n == counts["total"]
     # 6 dense (attention + MLP) + 6 sparse blocks, untied embeddings.
     want = 6 * (ATTN + MLP) + 6 * (ATTN + E * MLP + D * E) + (2 * 12 + 1) * D + 32 * 12 + 2 * V * D

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from hypermoe_jax import experts
 from hypermoe_jax import partitioning as part
+from hypermoe_jax.layers import experts
 
 E, G, C, D, F = 4, 2, 3, 8, 16
 
@@ -21,7 +21,7 @@ def np_act(name, v):
         return np.maximum(v, 0.0)
     if name in ("gelu", "gated-gelu"):
         return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
-    if name == "gated-silu":
+    if name in ("silu", "gated-silu"):
         return v / (1.0 + np.exp(-v))
     raise ValueError(name)
 

@@ -1,7 +1,7 @@
 """Every gin file under gin/ parses, finalises and builds a (tiny) model.
 
 Model gins are built at a tiny size (their MODEL_SIZE overridden) with ``jax.eval_shape``, so no
-memory is allocated; their full-size configs are checked against ``configs.SIZES``. Run gins are
+memory is allocated; their full-size configs are checked against ``sizes.SIZES``. Run gins are
 combined with a tiny model gin; experiment gins are built as they are, only shrunk.
 """
 
@@ -13,7 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from hypermoe_jax import configs, gin_utils, hyper, models
+from hypermoe_jax import models
+from hypermoe_jax.architectures import sizes
+from hypermoe_jax.layers import variants as variants_lib
+from hypermoe_jax.training import gin_utils
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 MODEL_GINS = sorted(p.relative_to(GIN_DIR).as_posix() for p in (GIN_DIR / "models").glob("*.gin"))
@@ -80,7 +83,7 @@ def _build(model) -> dict:
 def _name_parts(model_gin: str) -> tuple[str, str]:
     """``models/hypermoe_lm_small_16.gin`` -> ('hypermoe', 'lm_small_16')."""
     stem = Path(model_gin).stem
-    variant = next(v for v in sorted(hyper.VARIANTS, key=len, reverse=True)
+    variant = next(v for v in sorted(variants_lib.VARIANTS, key=len, reverse=True)
                    if stem.startswith(v + "_"))
     return variant, stem[len(variant) + 1:]
 
@@ -90,7 +93,7 @@ def test_there_are_gin_files():
     assert {"runs/pretrain.gin", "runs/finetune.gin", "runs/eval.gin", "runs/infer.gin"} == set(
         RUN_GINS)
     variants = {_name_parts(g)[0] for g in MODEL_GINS}
-    assert variants == set(hyper.VARIANTS)
+    assert variants == set(variants_lib.VARIANTS)
 
 
 @pytest.mark.parametrize("model_gin", MODEL_GINS)
@@ -128,7 +131,7 @@ def test_full_size_model_gin_dims(model_gin):
     size = re.sub(r"_\d+$", "", size_name)
     model = _parse([model_gin], ["TRAIN_STEPS = 10"])
     cfg = model.config
-    want = configs.SIZES[size]
+    want = sizes.SIZES[size]
     for field, value in want.items():
         if field == "num_encoder_layers" and _is_decoder_only(model_gin):
             continue
@@ -138,7 +141,7 @@ def test_full_size_model_gin_dims(model_gin):
 @pytest.mark.parametrize("run_gin", RUN_GINS)
 def test_run_gin_with_tiny_model(run_gin):
     model = _parse(["models/hypermoe_lm_tiny.gin", run_gin], RUN_MACROS)
-    fn = gin.query_parameter("hypermoe_jax.train.run.fn")
+    fn = gin.query_parameter("hypermoe_jax.training.cli.run.fn")
     name = Path(run_gin).stem
     want = {"pretrain": "train", "finetune": "train", "eval": "evaluate", "infer": "infer"}[name]
     assert fn.selector.endswith(want), fn.selector
@@ -177,8 +180,31 @@ def test_model_gin_without_run_gin_names_train_steps():
 
 
 def test_unknown_moe_option_is_explained():
-    with pytest.raises(ValueError, match="Unknown MoE option"):
-        _parse(["models/switch_tiny.gin"], ["MOE_OPTIONS = {'capacity': 2}"])
+    with pytest.raises(gin_utils.GinConfigError, match="RouterConfig.*capacity"):
+        _parse(["models/switch_tiny.gin"], ["routers.RouterConfig.capacity = 2"])
+
+
+def test_moe_sub_configs_are_bound_directly():
+    """Each MoE option is bound once, on the sub-config that declares it, and reaches the layers;
+    the variant keeps only its own extras."""
+    model = _parse(["models/hypermoe_tiny.gin"], [
+        "routers.RouterConfig.batch_prioritized = True",
+        "dispatch.DispatchConfig.group_size = 4",
+        "experts.ExpertsConfig.dropout_rate = 0.25",
+        "hyper_experts.HyperExpertsConfig.bottleneck_dim = 16",
+        "NUM_SELECTED = 2",
+    ])
+    moe = model.config.moe
+    assert moe.router.batch_prioritized and moe.router.num_selected == 2
+    assert moe.dispatch.group_size == 4 and moe.experts.dropout_rate == 0.25
+    assert moe.hyper_experts.bottleneck_dim == 16
+    assert moe.experts.hidden_dim == model.config.mlp_dim  # unset: the dense MLP's
+    params = _build(model)["params"]
+    w_down = params["encoder"]["hyper_generator"]["hypernet"]["w_down_kernel"]
+    assert w_down.value.shape[-1] == 16
+    gin.clear_config()
+    switch = _parse(["models/hypermoe_tiny.gin"], ["MOE_VARIANT = 'switch'"])
+    assert switch.config.moe.variant == "switch" and switch.config.moe.hyper_experts is None
 
 
 def test_quickstart_experiment_trains_on_the_offline_wiki_text():

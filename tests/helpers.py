@@ -1,9 +1,33 @@
-"""Fixtures shared by several test modules: a tiny fake offline data cache (the layout that
-``python -m hypermoe_jax.data fetch`` writes, see ``hypermoe_jax/data.py``)."""
+"""Fixtures shared by several test modules: tiny MoE configs, and a tiny fake offline data cache
+(the layout that ``python -m hypermoe_jax.data fetch`` writes; ``hypermoe_jax/data/catalog.py``).
+"""
 
 import json
 
-from hypermoe_jax import data as data_lib
+from hypermoe_jax.data import catalog, text
+from hypermoe_jax.layers import variants
+from hypermoe_jax.layers.dispatch import DispatchConfig
+from hypermoe_jax.layers.experts import ExpertsConfig
+from hypermoe_jax.layers.hyper_experts import HyperExpertsConfig
+from hypermoe_jax.layers.routers import RouterConfig
+
+# Small HyperExperts (b = d_e = hidden = 8) for tiny test models.
+HYPER_SMALL = HyperExpertsConfig(bottleneck_dim=8, expert_embed_dim=8, selection_hidden_dim=8,
+                                 selection_dim=8, hyper_hidden_dim=8)
+
+
+def tiny_moe(variant: str, num_experts: int = 4, *, num_selected: int = 1,
+             train_capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0,
+             jitter_noise: float = 0.0) -> variants.MoeConfig:
+    """The ``MoeConfig`` of ``variant`` for tiny test models (HyperExperts: ``HYPER_SMALL``)."""
+    return variants.moe_config(
+        variant,
+        experts=ExpertsConfig(num_experts=num_experts),
+        router=RouterConfig(num_selected=num_selected, jitter_noise=jitter_noise),
+        dispatch=DispatchConfig(train_capacity_factor=train_capacity_factor,
+                                eval_capacity_factor=eval_capacity_factor),
+        hyper_experts=HYPER_SMALL,
+    )
 
 PROSE = [
     "Fellow citizens of the Senate and House of Representatives: the state of the union is strong.",
@@ -14,7 +38,7 @@ PROSE = [
 
 
 def write_offline_cache(cache, wiki_repeat: int = 40):
-    """Writes every offline dataset (``data_lib.DATASETS``) under ``cache``; the wiki XML holds
+    """Writes every offline dataset (``catalog.DATASETS``) under ``cache``; the wiki XML holds
     ``wiki_repeat`` copies of one page header and line (40: 5.6 kB, 280-byte validation / test
     splits)."""
     # (The two adjacent literals are one string: the header repeats with the line.)
@@ -22,22 +46,22 @@ def write_offline_cache(cache, wiki_repeat: int = 40):
            "'''Anarchism''' is a [[political philosophy|philosophy]] of 1 thing.\n" * wiki_repeat
            + "</text></revision></page></mediawiki>\n").encode()
     contents = {}
-    for split, part in data_lib.split_bytes(xml).items():
+    for split, part in text.split_bytes(xml).items():
         contents[f"wiki/char/{split}.raw"] = part
-    for split, part in data_lib.split_bytes(data_lib.wikifil(xml)).items():
+    for split, part in text.split_bytes(text.wikifil(xml)).items():
         contents[f"wiki/text8/{split}.txt"] = part
     contents["wiki/enwik8_sample.xml"] = xml
     for name in ("sotu", "shakespeare"):
-        for split in data_lib.SPLITS:
+        for split in text.SPLITS:
             contents[f"{name}/{split}.txt"] = "\n".join(PROSE + ["", *PROSE[:2], ""]) + "\n"
     for sub in ("rotten_tomatoes", "uci"):
-        for split in data_lib.SPLITS:
+        for split in text.SPLITS:
             contents[f"sentiment/{sub}/{split}.tsv"] = (
                 "positive\tA charming, funny film.\nnegative\tDull and far too long.\n" * 3)
     for rel, body in contents.items():
         p = cache / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(body if isinstance(body, bytes) else body.encode())
-    for name in data_lib.DATASETS:
+    for name in catalog.DATASETS:
         (cache / name / "info.json").write_text(
-            json.dumps({"name": name, "format_version": data_lib.FORMAT_VERSION}))
+            json.dumps({"name": name, "format_version": catalog.FORMAT_VERSION}))

@@ -4,12 +4,13 @@
 token: gather the embeddings of the token's unselected experts and sum them, run the layer's
 selection MLP, concatenate the layer embedding, run the shared hypernetwork, reshape its flat head
 outputs into per-token weights ``[T, d, b]`` and apply them. It reads the same parameter values as
-``hyper.py`` (by name) but none of its code. The MoE part of the reference is ``MoeLayer`` with the
-same weights (itself checked against a naive loop in ``moe_layer_test.py``).
+``hyper_experts.py`` (by name) but none of its code. The MoE part of the reference is ``MoeLayer``
+with the same weights (itself checked against a naive loop in ``moe_layer_test.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -18,7 +19,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from hypermoe_jax import hyper, moe_layer
+from hypermoe_jax.layers import grouped, hyper_experts, moe_layer, variants
+from hypermoe_jax.layers.dispatch import DispatchConfig
+from hypermoe_jax.layers.experts import ExpertsConfig
+from hypermoe_jax.layers.hyper_experts import HyperExpertsConfig
+from hypermoe_jax.layers.routers import RouterConfig
 
 RTOL = ATOL = 1e-5
 BATCH, LENGTH, D_MODEL, HIDDEN, BNECK = 4, 16, 12, 32, 6
@@ -73,19 +78,19 @@ def reference_topk(layer_params, x, k):
 
 
 def make_modules(num_experts, k, placement="dense", cf=None, max_sets=256, impl="blocked"):
-    gen = hyper.HyperExpertGenerator(
+    hcfg = HyperExpertsConfig(bottleneck_dim=BNECK, max_sets=max_sets, placement=placement,
+                              grouped_impl=impl)
+    gen = hyper_experts.HyperExpertGenerator(
         num_layers=NUM_LAYERS, num_experts=num_experts, num_selected=k, d_model=D_MODEL,
-        bottleneck_dim=BNECK, max_sets=max_sets,
+        config=hcfg,
     )
     cf = float(num_experts) if cf is None else cf  # cf = E: nothing is ever dropped
-    layer = hyper.SparseMlp(
-        variant="hypermoe", num_experts=num_experts, expert_hidden_dim=HIDDEN, num_selected=k,
-        eval_capacity_factor=cf, min_capacity=1, placement=placement, grouped_impl=impl,
-    )
-    moe = moe_layer.MoeLayer(
-        num_experts=num_experts, expert_hidden_dim=HIDDEN, num_selected=k,
-        eval_capacity_factor=cf, min_capacity=1,
-    )
+    experts = ExpertsConfig(num_experts=num_experts, hidden_dim=HIDDEN)
+    router = RouterConfig(num_selected=k)
+    dispatch = DispatchConfig(eval_capacity_factor=cf, min_capacity=1, impl="einsum")
+    layer = variants.SparseMlp(variants.moe_config(
+        "hypermoe", experts=experts, router=router, dispatch=dispatch, hyper_experts=hcfg))
+    moe = moe_layer.MoeLayer(experts=experts, router=router, dispatch=dispatch)
     return gen, layer, moe
 
 
@@ -222,9 +227,12 @@ def test_efficient_equals_literal(num_experts, k, dropped, max_sets):
     ys = {}
     for name in placements:
         placement = name.split("_")[0]
-        dispatch = "gather" if name.endswith("gather") else layer.dispatch_impl
-        eff = value_and_grads(
-            forward_fn(gen, layer.clone(placement=placement, dispatch_impl=dispatch)), cot)
+        cfg = layer.config
+        cfg = dataclasses.replace(
+            cfg, hyper_experts=dataclasses.replace(cfg.hyper_experts, placement=placement),
+            dispatch=dataclasses.replace(
+                cfg.dispatch, impl="gather" if name.endswith("gather") else "einsum"))
+        eff = value_and_grads(forward_fn(gen, layer.clone(config=cfg)), cot)
         (y, auxes), g_eff = eff(params, x)
         for m, aux in enumerate(auxes):
             np.testing.assert_array_equal(np.sort(np.asarray(aux.expert_index), -1),
@@ -252,8 +260,8 @@ def test_efficient_equals_literal(num_experts, k, dropped, max_sets):
 def test_no_router_gradient_through_the_hyper_expert():
     gen, layer, _ = make_modules(8, 2, "dense", cf=0.5)
     params, x = init_params(gen, layer, jax.random.PRNGKey(4))
-    switch = hyper.SparseMlp(variant="switch", num_experts=8, expert_hidden_dim=HIDDEN,
-                             num_selected=2, eval_capacity_factor=0.5, min_capacity=1)
+    switch = variants.SparseMlp(dataclasses.replace(layer.config, hyper_experts=None))
+    assert switch.config.variant == "switch"
     eff = forward_fn(gen, layer)
 
     @jax.jit
@@ -311,14 +319,14 @@ def test_no_per_token_weights_are_materialised(k, max_sets):
 
 @pytest.mark.parametrize("n,k", [(4, 1), (5, 2), (8, 3)])
 def test_combination_ids_enumerate_the_subsets(n, k):
-    combos = hyper.combinations(n, k)
+    combos = hyper_experts.combinations(n, k)
     assert combos.shape == (math.comb(n, k), k)
-    ids = np.asarray(hyper.combination_ids(jnp.asarray(combos), n))
+    ids = np.asarray(hyper_experts.combination_ids(jnp.asarray(combos), n))
     np.testing.assert_array_equal(ids, np.arange(len(combos)))
     # Order inside a set does not matter.
-    ids_rev = np.asarray(hyper.combination_ids(jnp.asarray(combos[:, ::-1]), n))
+    ids_rev = np.asarray(hyper_experts.combination_ids(jnp.asarray(combos[:, ::-1]), n))
     np.testing.assert_array_equal(ids_rev, ids)
-    masks = hyper.unselected_masks(n, k)
+    masks = hyper_experts.unselected_masks(n, k)
     np.testing.assert_array_equal(masks.sum(-1), n - k)
     for row, c in zip(masks, combos):
         assert not row[c].any()
@@ -356,7 +364,7 @@ def test_grouped_impls_equal_per_token_weights(impl, capacity_factor, skewed):
     ids = jax.random.randint(ks[5], (t,), 0, m)
     if skewed:  # 60% of the tokens on adapter 0, adapter m-1 unused
         ids = jnp.where(jax.random.uniform(ks[6], (t,)) < 0.6, 0, jnp.minimum(ids, m - 2))
-    fn = jax.jit(lambda a, x: hyper.grouped_adapter_mlp(
+    fn = jax.jit(lambda a, x: grouped.grouped_adapter_mlp(
         a, x, ids, impl=impl, block_size=64, capacity_factor=capacity_factor))
     if capacity_factor is not None:
         # Layouts: blocked 512 rows (blk = 64), capacity 5 x 80 = 400 rows: the cond is used, and
@@ -394,8 +402,8 @@ def test_grouped_layout_switch_with_residual_and_mask(skew):
     assert taken == {0.0: 0, 0.3: 2, 0.6: 3}[skew]
 
     def fn(a, x, r):
-        return hyper.grouped_adapter_mlp(a, x, ids, capacity_factor=factors, residual=r,
-                                         token_mask=mask, block_size=16)
+        return grouped.grouped_adapter_mlp(a, x, ids, impl="blocked", capacity_factor=factors,
+                                           residual=r, token_mask=mask, block_size=16)
 
     def loop(a, x, r):
         return r + per_token_adapters(a, x, ids) * mask[:, None]
@@ -420,8 +428,8 @@ def test_grouped_layout_switch_with_residual_and_mask(skew):
 
 def test_generator_init_and_outputs():
     n_l, n, d, b = 3, 4, 24, 8
-    gen = hyper.HyperExpertGenerator(num_layers=n_l, num_experts=n, num_selected=1, d_model=d,
-                                     bottleneck_dim=b)
+    gen = hyper_experts.HyperExpertGenerator(num_layers=n_l, num_experts=n, num_selected=1,
+                                             d_model=d, config=HyperExpertsConfig(bottleneck_dim=b))
     variables = gen.init(jax.random.PRNGKey(0))
     p = nn.meta.unbox(variables["params"])
     hn = p["hypernet"]
@@ -455,25 +463,31 @@ def test_generator_init_and_outputs():
     assert out["w_down"].shape == (n_l, n, d, b) and out["w_up"].shape == (n_l, n, b, d)
     assert out["b_down"].shape == (n_l, n, b) and out["b_up"].shape == (n_l, n, d)
 
-    gen2 = hyper.HyperExpertGenerator(num_layers=n_l, num_experts=8, num_selected=2, d_model=d,
-                                      bottleneck_dim=b)
+    gen2 = hyper_experts.HyperExpertGenerator(
+        num_layers=n_l, num_experts=8, num_selected=2, d_model=d,
+        config=HyperExpertsConfig(bottleneck_dim=b))
     out2 = gen2.apply(gen2.init(jax.random.PRNGKey(0)))
     assert out2["w_down"].shape == (n_l, 28, d, b)
-    gen3 = hyper.HyperExpertGenerator(num_layers=n_l, num_experts=8, num_selected=2, d_model=d,
-                                      bottleneck_dim=b, max_sets=16)
+    gen3 = hyper_experts.HyperExpertGenerator(
+        num_layers=n_l, num_experts=8, num_selected=2, d_model=d,
+        config=HyperExpertsConfig(bottleneck_dim=b, max_sets=16))
     out3 = gen3.apply(gen3.init(jax.random.PRNGKey(0)))
-    assert set(out3) == set(hyper.PER_TOKEN_KEYS)
+    assert set(out3) == set(hyper_experts.PER_TOKEN_KEYS)
     assert all(v.shape[0] == n_l for v in out3.values())
 
 
 def test_errors_say_what_to_do():
     x = jnp.zeros((2, 8, D_MODEL))
-    layer = hyper.SparseMlp(variant="hypermoe", num_experts=4, expert_hidden_dim=8)
+    experts = ExpertsConfig(num_experts=4, hidden_dim=8)
+    layer = variants.SparseMlp(variants.moe_config("hypermoe", experts=experts))
     with pytest.raises(ValueError, match="hyper_inputs"):
         layer.init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="Unknown variant"):
-        hyper.SparseMlp(variant="nope", num_experts=4, expert_hidden_dim=8).init(
-            jax.random.PRNGKey(0), x)
+        variants.moe_config("nope", experts=experts)
     with pytest.raises(ValueError, match="num_selected=1"):
-        hyper.SparseMlp(variant="hypermoe", num_experts=4, expert_hidden_dim=8, num_selected=2,
-                        placement="fused").init(jax.random.PRNGKey(0), x, hyper_inputs={})
+        variants.moe_config("hypermoe", experts=experts, router=RouterConfig(num_selected=2),
+                            hyper_experts=HyperExpertsConfig(placement="fused"))
+    with pytest.raises(ValueError, match="some experts must stay unselected"):
+        variants.moe_config("hypermoe", experts=experts, router=RouterConfig(num_selected=4))
+    with pytest.raises(ValueError, match="uses a 'linear' router but RouterConfig.kind is"):
+        variants.moe_config("hypermoe", experts=experts, router=RouterConfig(kind="hyper"))

@@ -6,24 +6,21 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from helpers import tiny_moe
 
-from hypermoe_jax import configs, models
-from hypermoe_jax import transformer as tr
+from hypermoe_jax import architectures as arch
+from hypermoe_jax import losses, models
+from hypermoe_jax.architectures import sizes
 
 VOCAB = 32
-HYPER_SMALL = dict(bottleneck_dim=8, expert_embed_dim=8, selection_hidden_dim=8, selection_dim=8,
-                   hyper_hidden_dim=8)
 
 
 def tiny(variant="switch", *, num_layers=2, sparse_step=2, num_selected=1, dropout_rate=0.0,
          **moe):
-    if variant == "hypermoe":
-        moe.setdefault("hyper_options", HYPER_SMALL)
-    return configs.sparse_t5(
-        "tiny", variant, 4, sparse_step=sparse_step, num_selected=num_selected,
+    return sizes.sparse_t5(
+        "tiny", tiny_moe(variant, num_selected=num_selected, **moe), sparse_step=sparse_step,
         vocab_size=VOCAB, emb_dim=16, mlp_dim=32, num_heads=2, head_dim=8,
         dropout_rate=dropout_rate, num_encoder_layers=num_layers, num_decoder_layers=num_layers,
-        moe_overrides=moe,
     )
 
 
@@ -62,7 +59,7 @@ def test_cross_entropy_label_smoothing_and_z_loss():
     logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
     targets = rng.integers(0, 7, (3, 5))
     for ls, zl in [(0.0, 0.0), (0.1, 0.0), (0.2, 1e-2)]:
-        loss, z = models.cross_entropy_with_logits(jnp.asarray(logits), jnp.asarray(targets),
+        loss, z = losses.cross_entropy_with_logits(jnp.asarray(logits), jnp.asarray(targets),
                                                    ls, zl)
         # KL(soft || softmax(logits)) + zl * logZ^2, straight from the definitions.
         soft = np.full((3, 5, 7), ls / 6)
@@ -76,10 +73,10 @@ def test_cross_entropy_label_smoothing_and_z_loss():
 
 
 def test_loss_normalizing_factors_weights_and_score_batch():
-    cfg = configs.t5_1_1("tiny", vocab_size=VOCAB, emb_dim=16, mlp_dim=32, num_heads=2,
+    cfg = sizes.t5_1_1("tiny", vocab_size=VOCAB, emb_dim=16, mlp_dim=32, num_heads=2,
                          head_dim=8, num_encoder_layers=1, num_decoder_layers=1,
                          dropout_rate=0.0)
-    module = tr.EncoderDecoder(cfg)
+    module = arch.EncoderDecoder(cfg)
     batch = make_batch()
     weights = np.asarray(batch["decoder_loss_weights"]).copy()
     weights[2, :3] = 0.0  # per-token weights
@@ -117,7 +114,7 @@ def test_loss_normalizing_factors_weights_and_score_batch():
 @pytest.fixture(scope="module")
 def hyperrouter():
     cfg = tiny("hyperrouter", num_layers=4, num_selected=2, jitter_noise=0.1)
-    model = models.EncoderDecoderModel(tr.EncoderDecoder(cfg),
+    model = models.EncoderDecoderModel(arch.EncoderDecoder(cfg),
                                        k_schedule=models.KSchedule(total_steps=100, k_min=1))
     batch = make_batch()
     params, mutables = init(model, batch)
@@ -200,7 +197,7 @@ def test_k_schedule_any_k_eval_and_jitter(hyperrouter):
 
 
 def test_every_parameter_has_logical_axes():
-    model = models.EncoderDecoderModel(tr.EncoderDecoder(tiny("hypermoe", num_layers=4)))
+    model = models.EncoderDecoderModel(arch.EncoderDecoder(tiny("hypermoe", num_layers=4)))
     shapes = {k: v.shape for k, v in make_batch().items()}
     boxed = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes))
     leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -232,7 +229,7 @@ def test_variant_overfits_tiny_batch(variant):
     schedule = (models.KSchedule(total_steps=OVERFIT_STEPS // 2, k_min=1)
                 if num_selected == 2 else None)
     model = models.EncoderDecoderModel(
-        tr.EncoderDecoder(tiny(variant, num_layers=1, sparse_step=1, num_selected=num_selected,
+        arch.EncoderDecoder(tiny(variant, num_layers=1, sparse_step=1, num_selected=num_selected,
                                jitter_noise=0.01)),
         k_schedule=schedule,
     )

@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from hypermoe_jax import moe_layer
 from hypermoe_jax import partitioning as part
+from hypermoe_jax.layers import moe_layer
+from hypermoe_jax.layers.dispatch import DispatchConfig
+from hypermoe_jax.layers.experts import ExpertsConfig
+from hypermoe_jax.layers.routers import RouterConfig
 
 MESH_SHAPES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
 RTOL = ATOL = 1e-5
@@ -157,10 +160,29 @@ def naive_moe(params, x, choice, kept, mask, cfg, adapters=None):
 # --------------------------------------------------------------------------------------------
 
 
+def layer_from(num_experts=NUM_EXPERTS, hidden=HIDDEN, *, num_selected=1, activation="relu",
+               expert_dropout_rate=0.0, jitter_noise=0.0, gate_normalization=None,
+               batch_prioritized_routing=False, train_capacity_factor=1.25,
+               eval_capacity_factor=2.0, min_capacity=4, group_size=None,
+               dropped_token_behavior="zero", dispatch_impl="einsum", mesh=None):
+    """A ``MoeLayer`` from a test case's description."""
+    return moe_layer.MoeLayer(
+        experts=ExpertsConfig(num_experts=num_experts, hidden_dim=hidden, activation=activation,
+                              dropout_rate=expert_dropout_rate),
+        router=RouterConfig(num_selected=num_selected, jitter_noise=jitter_noise,
+                            gate_normalization=gate_normalization,
+                            batch_prioritized=batch_prioritized_routing),
+        dispatch=DispatchConfig(train_capacity_factor=train_capacity_factor,
+                                eval_capacity_factor=eval_capacity_factor,
+                                min_capacity=min_capacity, group_size=group_size,
+                                dropped_token_behavior=dropped_token_behavior,
+                                impl=dispatch_impl),
+        mesh=mesh,
+    )
+
+
 def make_layer(cfg, mesh=None, **overrides):
     kwargs = dict(
-        num_experts=NUM_EXPERTS,
-        expert_hidden_dim=HIDDEN,
         group_size=GROUP,
         eval_capacity_factor=LOW_CF,
         train_capacity_factor=LOW_CF,
@@ -169,7 +191,7 @@ def make_layer(cfg, mesh=None, **overrides):
     )
     kwargs.update({k: v for k, v in cfg.items() if k != "adapters"})
     kwargs.update(overrides)
-    return moe_layer.MoeLayer(**kwargs)
+    return layer_from(**kwargs)
 
 
 def make_inputs():
@@ -330,14 +352,8 @@ def _all_to_expert_zero(num_experts, d_model):
 
 def test_train_and_eval_capacity_factors():
     # Every token picks expert 0, so each group keeps exactly C tokens.
-    layer = moe_layer.MoeLayer(
-        num_experts=4,
-        expert_hidden_dim=8,
-        group_size=16,
-        train_capacity_factor=1.0,
-        eval_capacity_factor=2.0,
-        min_capacity=1,
-    )
+    layer = layer_from(4, 8, group_size=16, train_capacity_factor=1.0, eval_capacity_factor=2.0,
+                       min_capacity=1)
     x = jnp.abs(jax.random.normal(jax.random.key(0), (2, 16, 8))) + 0.1
     params = random_params(layer, x)
     params["router"]["kernel"] = _all_to_expert_zero(4, 8)
@@ -353,12 +369,10 @@ def test_train_and_eval_capacity_factors():
 
 
 def test_dropped_tokens_zero_vs_scale_input():
-    kwargs = dict(num_experts=4, expert_hidden_dim=8, group_size=8, min_capacity=1)
+    kwargs = dict(num_experts=4, hidden=8, group_size=8, min_capacity=1)
     x = jnp.abs(jax.random.normal(jax.random.key(0), (1, 8, 8))) + 0.1
-    zero = moe_layer.MoeLayer(**kwargs, eval_capacity_factor=1.0)  # C = 2
-    scale = moe_layer.MoeLayer(
-        **kwargs, eval_capacity_factor=1.0, dropped_token_behavior="scale_input"
-    )
+    zero = layer_from(**kwargs, eval_capacity_factor=1.0)  # C = 2
+    scale = layer_from(**kwargs, eval_capacity_factor=1.0, dropped_token_behavior="scale_input")
     params = random_params(zero, x)
     params["router"]["kernel"] = _all_to_expert_zero(4, 8)
     y0, aux = apply(zero, params, x)
@@ -490,20 +504,20 @@ def test_aux_outputs_and_scan():
 
 def test_error_experts_not_divisible_by_expert_axis():
     mesh = part.make_mesh(2, 4, 1)
-    layer = moe_layer.MoeLayer(num_experts=6, expert_hidden_dim=8, group_size=8, mesh=mesh)
+    layer = layer_from(6, 8, group_size=8, mesh=mesh)
     with part.axis_rules(mesh), pytest.raises(ValueError, match="num_experts=6 is not divisible"):
         jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((8, 8, 4)))
 
 
 def test_error_tokens_do_not_divide_into_groups():
-    layer = moe_layer.MoeLayer(num_experts=4, expert_hidden_dim=8, group_size=6)
+    layer = layer_from(4, 8, group_size=6)
     with pytest.raises(ValueError, match="do not divide into groups of group_size=6"):
         jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((2, 8, 4)))
 
 
 def test_error_groups_do_not_divide_over_devices():
     mesh = part.make_mesh(2, 4, 1)
-    layer = moe_layer.MoeLayer(num_experts=8, expert_hidden_dim=8, group_size=8, mesh=mesh)
+    layer = layer_from(8, 8, group_size=8, mesh=mesh)
     with part.axis_rules(mesh), pytest.raises(ValueError, match="cannot be split over data"):
         jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((2, 8, 4)))  # 2 groups, 8 shards
 
@@ -511,14 +525,13 @@ def test_error_groups_do_not_divide_over_devices():
 @pytest.mark.parametrize("field", ["train_capacity_factor", "eval_capacity_factor"])
 @pytest.mark.parametrize("value", [0.0, -1.0])
 def test_error_non_positive_capacity_factor(field, value):
-    layer = moe_layer.MoeLayer(num_experts=4, expert_hidden_dim=8, **{field: value})
-    with pytest.raises(ValueError, match=f"MoeLayer.{field} must be positive"):
-        jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((2, 8, 4)))
+    with pytest.raises(ValueError, match=f"DispatchConfig.{field} must be positive"):
+        layer_from(4, 8, **{field: value})
 
 
 def test_error_adapters_need_top1_and_bad_options():
     x = jnp.ones((2, 8, 4))
-    layer = moe_layer.MoeLayer(num_experts=4, expert_hidden_dim=8, num_selected=2)
+    layer = layer_from(4, 8, num_selected=2)
     params = random_params(layer, x)
     adapters = {
         "w_down": jnp.zeros((4, 4, 2)),
@@ -528,9 +541,7 @@ def test_error_adapters_need_top1_and_bad_options():
     }
     with pytest.raises(ValueError, match="top-1 routing only"):
         jax.eval_shape(lambda p: layer.apply({"params": p}, x, adapters=adapters), params)
-    bad = moe_layer.MoeLayer(num_experts=4, expert_hidden_dim=8, dropped_token_behavior="drop")
     with pytest.raises(ValueError, match="dropped_token_behavior must be"):
-        jax.eval_shape(bad.init, jax.random.key(0), x)
-    bad = moe_layer.MoeLayer(num_experts=4, expert_hidden_dim=8, dispatch_impl="scatter")
-    with pytest.raises(ValueError, match="dispatch_impl must be one of"):
-        jax.eval_shape(bad.init, jax.random.key(0), x)
+        layer_from(4, 8, dropped_token_behavior="drop")
+    with pytest.raises(ValueError, match=r"DispatchConfig.impl must be 'auto' .* or one of"):
+        layer_from(4, 8, dispatch_impl="scatter")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from hypermoe_jax import routing
+from hypermoe_jax.layers import routers, routing
 
 BIG = 10.0  # logit margin that makes a choice unambiguous
 
@@ -349,25 +349,25 @@ def test_metrics_match_formulas():
 def test_jitter_only_when_not_deterministic():
     # An identity kernel makes logits = jittered inputs, so the jitter range is visible.
     d = num_experts = 6
-    router = routing.Router(num_experts=num_experts, jitter_noise=0.1)
+    router = routers.Router(num_experts, routers.RouterConfig(jitter_noise=0.1))
     x = jnp.asarray(np.random.default_rng(0).uniform(1.0, 2.0, (2, 16, d)).astype(np.float32))
     params = {"params": {"kernel": jnp.eye(d)}}
     np.testing.assert_array_equal(router.apply(params, x, deterministic=True), x)
-    noisy = router.apply(params, x, deterministic=False, rngs={routing.JITTER: jax.random.key(0)})
+    noisy = router.apply(params, x, deterministic=False, rngs={routers.JITTER: jax.random.key(0)})
     ratio = np.asarray(noisy / x)
     assert ratio.min() >= 0.9 - 1e-6 and ratio.max() <= 1.1 + 1e-6
     assert ratio.std() > 0.01
-    again = router.apply(params, x, deterministic=False, rngs={routing.JITTER: jax.random.key(0)})
+    again = router.apply(params, x, deterministic=False, rngs={routers.JITTER: jax.random.key(0)})
     np.testing.assert_array_equal(noisy, again)
     with pytest.raises(Exception, match="jitter"):
         router.apply(params, x, deterministic=False)
     # Without jitter_noise training needs no rng and changes nothing.
-    plain = routing.Router(num_experts=num_experts)
+    plain = routers.Router(num_experts)
     np.testing.assert_array_equal(plain.apply(params, x, deterministic=False), x)
 
 
 def test_router_param_partitioning_and_float32():
-    router = routing.Router(num_experts=4, use_bias=True)
+    router = routers.Router(4, routers.RouterConfig(use_bias=True))
     x = jnp.ones((2, 3, 8), jnp.bfloat16)
     variables = router.init(jax.random.key(0), x)
     specs = nn.get_partition_spec(variables)["params"]
@@ -377,11 +377,11 @@ def test_router_param_partitioning_and_float32():
 
 
 def test_frozen_random_router_lives_outside_params():
-    router = routing.Router(num_experts=4, kind="frozen_random")
+    router = routers.Router(4, routers.RouterConfig(kind="frozen_random"))
     x = jnp.ones((2, 3, 8))
     variables = router.init(jax.random.key(0), x)
     assert "params" not in variables
-    kernel = variables[routing.FROZEN]["kernel"]
+    kernel = variables[routers.FROZEN]["kernel"]
     assert kernel.shape == (8, 4)
     np.testing.assert_allclose(np.std(kernel), 0.02, rtol=0.5)
     np.testing.assert_allclose(router.apply(variables, x), x @ kernel, rtol=1e-6)
@@ -389,11 +389,12 @@ def test_frozen_random_router_lives_outside_params():
 
 def test_hyper_router_generates_weights_and_only_embedding_trains():
     d, num_experts, hidden = 8, 4, 16
-    router = routing.Router(num_experts=num_experts, kind="hyper", hyper_hidden_dim=hidden)
+    router = routers.Router(num_experts,
+                            routers.RouterConfig(kind="hyper", hyper_hidden_dim=hidden))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, d)).astype(np.float32))
     variables = jax.jit(router.init)(jax.random.key(0), x)
     params = nn.unbox(variables["params"])
-    frozen = variables[routing.FROZEN]["hyper"]
+    frozen = variables[routers.FROZEN]["hyper"]
     r = np.asarray(params["hyper"]["embedding"], np.float64)
     assert r.shape == (d,)  # d_r = d_model by default
     h = np.maximum(r @ frozen["l1_kernel"] + frozen["l1_bias"], 0.0)
@@ -402,16 +403,16 @@ def test_hyper_router_generates_weights_and_only_embedding_trains():
     np.testing.assert_allclose(jax.jit(router.apply)(variables, x), expected, rtol=1e-4, atol=1e-6)
 
     def loss(params, frozen):
-        return jnp.sum(router.apply({"params": params, routing.FROZEN: frozen}, x) ** 2)
+        return jnp.sum(router.apply({"params": params, routers.FROZEN: frozen}, x) ** 2)
 
-    g_params, g_frozen = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, variables[routing.FROZEN])
+    g_params, g_frozen = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, variables[routers.FROZEN])
     assert float(jnp.abs(g_params["hyper"]["embedding"]).max()) > 0
     assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree.leaves(g_frozen))
 
 
 def test_unknown_router_kind():
     with pytest.raises(ValueError, match="Unknown router kind"):
-        routing.Router(num_experts=4, kind="bogus").init(jax.random.key(0), jnp.ones((1, 2, 3)))
+        routers.RouterConfig(kind="bogus")
 
 
 def test_linear_k_schedule():

@@ -13,8 +13,9 @@ import tensorflow_datasets as tfds
 from helpers import PROSE as _PROSE
 from helpers import write_offline_cache as _write_offline_cache
 
-from hypermoe_jax import data as data_lib
-from hypermoe_jax import vocab as vocab_lib
+from hypermoe_jax.data import cache as cache_lib
+from hypermoe_jax.data import text as text_lib
+from hypermoe_jax.data import vocab as vocab_lib
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: a tiny T5 stand-in vocabulary and a tiny offline cache, set up before any task's
@@ -41,7 +42,7 @@ def local_data(tmp_path_factory):
     (root / "wikitext103").mkdir()
     for f in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"):
         (root / "wikitext103" / f).write_text(" = Title = \n\n" + "\n".join(_PROSE) + "\n")
-    env = {vocab_lib.T5_SPM_ENV: str(spm), data_lib.CACHE_ENV: str(cache),
+    env = {vocab_lib.T5_SPM_ENV: str(spm), cache_lib.CACHE_ENV: str(cache),
            "HYPERMOE_ENWIK8": str(root / "enwik8"), "HYPERMOE_TEXT8": str(root / "text8"),
            "HYPERMOE_WIKITEXT103": str(root / "wikitext103")}
     old = {k: os.environ.get(k) for k in env}
@@ -191,8 +192,8 @@ def test_sentiment_task_text(registered):
 
 def test_missing_offline_data_says_how_to_fetch(registered, tmp_path, monkeypatch):
     task = seqio.get_mixture_or_task("wiki_text8_lm")
-    monkeypatch.setenv(data_lib.CACHE_ENV, str(tmp_path / "empty"))
-    with pytest.raises(data_lib.DataMissingError, match="python -m hypermoe_jax.data fetch wiki"):
+    monkeypatch.setenv(cache_lib.CACHE_ENV, str(tmp_path / "empty"))
+    with pytest.raises(cache_lib.DataMissingError, match="python -m hypermoe_jax.data fetch wiki"):
         task.get_dataset({"targets": 16}, split="train")
 
 
@@ -207,7 +208,7 @@ def test_local_corpus_paths_and_byte_splits(registered, tmp_path, monkeypatch):
     monkeypatch.setenv("HYPERMOE_ENWIK8", str(path))
     ds = task.get_dataset({"targets": 40}, split="test", shuffle=False)
     tokens = np.concatenate([ex["targets"] for ex in ds.as_numpy_iterator()])
-    start, end = data_lib.split_ranges(len(body))["test"]
+    start, end = text_lib.split_ranges(len(body))["test"]
     assert bytes((tokens - 3).astype(np.uint8)) == body[start:end]
 
 

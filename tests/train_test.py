@@ -1,5 +1,5 @@
-"""End-to-end runs of the trainer (``hypermoe_jax/train.py``) driven as a user drives it:
-``train.main([...])`` / ``python -m hypermoe_jax.train`` with ``--gin_file`` and
+"""End-to-end runs of the trainer (``hypermoe_jax/training/``) driven as a user drives it:
+``cli.main([...])`` / ``python -m hypermoe_jax.train`` with ``--gin_file`` and
 ``--gin.NAME=VALUE``.
 
 Tiny decoder-only LMs (d 32, 2 layers, one MoE layer) train on the fake offline cache
@@ -32,10 +32,10 @@ import tensorflow_datasets as tfds
 from helpers import PROSE, write_offline_cache
 from jax.experimental.compilation_cache import compilation_cache
 
-from hypermoe_jax import checkpoints as ckpt_lib
-from hypermoe_jax import data as data_lib
-from hypermoe_jax import gin_utils, train
-from hypermoe_jax import vocab as vocab_lib
+from hypermoe_jax.data import cache as cache_lib
+from hypermoe_jax.data import vocab as vocab_lib
+from hypermoe_jax.training import checkpoints as ckpt_lib
+from hypermoe_jax.training import cli, errors, gin_utils, train
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8  # the shared pretraining run
@@ -54,23 +54,23 @@ HYPER_OPTIONS = ("{'placement': 'dense', 'bottleneck_dim': 8, 'expert_embed_dim'
                  "'hyper_hidden_dim': 16}")
 LR = "0.01"  # pretraining's rsqrt schedule is 0.01 before its 10k warmup steps
 # A checkpoint of the initialisation (saved at step 0; no train step is compiled).
-STOP_AT_0 = ["--gin.hypermoe_jax.train.train.stop_after_steps=0"]
-NO_EVAL = ["--gin.hypermoe_jax.train.train.train_eval_dataset_cfg=None"]
+STOP_AT_0 = ["--gin.hypermoe_jax.training.train.train.stop_after_steps=0"]
+NO_EVAL = ["--gin.hypermoe_jax.training.train.train.train_eval_dataset_cfg=None"]
 
 _SIZES_GIN = """
 from __gin__ import dynamic_registration
-from hypermoe_jax import configs
+from hypermoe_jax.architectures import sizes
 
-configs.{fn}.emb_dim = 32
-configs.{fn}.mlp_dim = 64
-configs.{fn}.num_heads = 2
-configs.{fn}.head_dim = 16
+sizes.{fn}.emb_dim = 32
+sizes.{fn}.mlp_dim = 64
+sizes.{fn}.num_heads = 2
+sizes.{fn}.head_dim = 16
 """
 # Pretraining with a constant learning rate: the same train step as runs/finetune.gin with
 # LEARNING_RATE = %LR, so the two compile to one program.
 _CONSTANT_LR_GIN = f"""
 from __gin__ import dynamic_registration
-from hypermoe_jax import optimizers
+from hypermoe_jax.training import optimizers
 
 LEARNING_RATE = {LR}
 optimizers.make_optimizer.learning_rate = @optimizers.constant_schedule()
@@ -122,12 +122,12 @@ def env(tmp_path_factory, compile_cache):
     gins = root / "gin"
     gins.mkdir()
     (gins / "lm_sizes.gin").write_text(
-        _SIZES_GIN.format(fn="decoder_only") + "configs.decoder_only.num_decoder_layers = 2\n")
+        _SIZES_GIN.format(fn="decoder_only") + "sizes.decoder_only.num_decoder_layers = 2\n")
     (gins / "t5_sizes.gin").write_text(
-        _SIZES_GIN.format(fn="sparse_t5") + "configs.sparse_t5.num_encoder_layers = 2\n"
-        "configs.sparse_t5.num_decoder_layers = 2\n")
+        _SIZES_GIN.format(fn="sparse_t5") + "sizes.sparse_t5.num_encoder_layers = 2\n"
+        "sizes.sparse_t5.num_decoder_layers = 2\n")
     (gins / "constant_lr.gin").write_text(_CONSTANT_LR_GIN)
-    values = {data_lib.CACHE_ENV: str(cache), vocab_lib.T5_SPM_ENV: str(spm),
+    values = {cache_lib.CACHE_ENV: str(cache), vocab_lib.T5_SPM_ENV: str(spm),
               "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
@@ -172,7 +172,7 @@ def run_summary(argv):
     gin.clear_config()
     try:
         gin_utils.parse(files, bindings, paths)
-        return train.run()
+        return cli.run()
     finally:
         gin.clear_config()
 
@@ -180,7 +180,7 @@ def run_summary(argv):
 def run_main(argv) -> int:
     gin.clear_config()
     try:
-        return train.main(argv)
+        return cli.main(argv)
     finally:
         gin.clear_config()
 
@@ -327,7 +327,7 @@ def test_resume_is_exact(pretrained, env, tmp_path):
     half = STEPS // 2
     # (On the command line a configurable is named by its module, not the run gin's alias.)
     argv = lm_args(env, tmp_path,
-                   extra=[f"--gin.hypermoe_jax.train.train.stop_after_steps={half}"])
+                   extra=[f"--gin.hypermoe_jax.training.train.train.stop_after_steps={half}"])
     first = run_summary(argv)
     assert first["status"] == "stopped" and first["step"] == half
     ckpt = tmp_path / "checkpoints"
@@ -516,7 +516,7 @@ def test_nonfinite_loss_raises_nonfinitelosserror(env, tmp_path):
     """From scratch with lr 1e30 and a checkpoint every step: step 1's checkpoint holds the
     overflowed parameters, so no good checkpoint is left."""
     argv = lm_args(env, tmp_path, steps=4, CHECKPOINT_PERIOD="1", LEARNING_RATE="1e30")
-    with pytest.raises(train.NonFiniteLossError, match="at step 2 .*No good checkpoint is left"):
+    with pytest.raises(errors.NonFiniteLossError, match="at step 2 .*No good checkpoint is left"):
         run_summary(argv)
     assert checkpoint_steps(tmp_path / "checkpoints") == []
     assert checkpoint_steps(tmp_path / "checkpoints_set_aside") == [1]
@@ -656,7 +656,7 @@ def test_mesh_that_does_not_fit_the_devices(env, tmp_path, capsys):
 def test_empty_dataset(pretrained, env, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
     shutil.copytree(env.cache, cache)
-    monkeypatch.setenv(data_lib.CACHE_ENV, str(cache))
+    monkeypatch.setenv(cache_lib.CACHE_ENV, str(cache))
     split = cache / "wiki" / "char"
 
     (split / "train.raw").write_bytes(b"")
@@ -688,7 +688,7 @@ def test_empty_dataset(pretrained, env, tmp_path, capsys, monkeypatch):
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
 ])
 def test_multihost_environment(env_vars, multi):
-    assert train._multihost_environment(env_vars) is multi
+    assert cli._multihost_environment(env_vars) is multi
 
 
 @pytest.mark.parametrize("argv,env_vars,calls", [
@@ -703,7 +703,7 @@ def test_multihost_environment(env_vars, multi):
 def test_maybe_initialize_distributed(argv, env_vars, calls, monkeypatch):
     recorded = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: recorded.append((a, k)))
-    rest = train._maybe_initialize_distributed(argv, env_vars)
+    rest = cli._maybe_initialize_distributed(argv, env_vars)
     assert rest == ["--gin_file=a.gin"]
     assert recorded == [((), {})] * calls
 
@@ -712,7 +712,7 @@ def test_main_initializes_distributed_before_parsing(monkeypatch, capsys):
     order = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: order.append("init"))
     monkeypatch.setattr(gin_utils, "parse", lambda *a, **k: order.append("parse") or [])
-    monkeypatch.setattr(train, "run", lambda: order.append("run"))
+    monkeypatch.setattr(cli, "run", lambda: order.append("run"))
     monkeypatch.setenv("SLURM_NTASKS", "2")
     assert run_main(["--gin_file=x.gin"]) == 0
     assert order == ["init", "parse", "run"]

@@ -8,27 +8,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import HYPER_SMALL, tiny_moe
 
-from hypermoe_jax import configs, hyper, models
+from hypermoe_jax import architectures as arch
+from hypermoe_jax import models
 from hypermoe_jax import partitioning as part
-from hypermoe_jax import transformer as tr
+from hypermoe_jax.architectures import attention, sizes, stacks
+from hypermoe_jax.architectures import config as arch_config
+from hypermoe_jax.layers import hyper_experts
 
 VOCAB = 64
-HYPER_SMALL = dict(bottleneck_dim=8, expert_embed_dim=8, selection_hidden_dim=8, selection_dim=8,
-                   hyper_hidden_dim=8)
 
 
 def tiny_config(variant="switch", *, scan_layers=True, remat_policy="none", num_experts=4,
-                num_selected=1, sparse_step=2, num_layers=4, **moe_overrides):
-    moe = dict(eval_capacity_factor=float(num_experts), train_capacity_factor=float(num_experts))
-    if variant == "hypermoe":
-        moe["hyper_options"] = HYPER_SMALL
-    moe.update(moe_overrides)
-    return configs.sparse_t5(
-        "tiny", variant, num_experts, num_selected=num_selected, sparse_step=sparse_step,
+                num_selected=1, sparse_step=2, num_layers=4):
+    moe = tiny_moe(variant, num_experts, num_selected=num_selected,
+                   eval_capacity_factor=float(num_experts),
+                   train_capacity_factor=float(num_experts))
+    return sizes.sparse_t5(
+        "tiny", moe, sparse_step=sparse_step,
         vocab_size=VOCAB, emb_dim=16, mlp_dim=32, num_heads=2, head_dim=8, dropout_rate=0.0,
         num_encoder_layers=num_layers, num_decoder_layers=num_layers, tied_embeddings=False,
-        scan_layers=scan_layers, remat_policy=remat_policy, moe_overrides=moe,
+        scan_layers=scan_layers, remat_policy=remat_policy,
     )
 
 
@@ -122,7 +123,7 @@ def _reference_bucket(rel, bidirectional, num_buckets, max_distance):
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_relative_position_buckets_match_scalar_rule(bidirectional):
     rel = np.arange(-300, 301)
-    got = tr.RelativePositionBias.bucket(jnp.asarray(rel), bidirectional, 32, 128)
+    got = attention.RelativePositionBias.bucket(jnp.asarray(rel), bidirectional, 32, 128)
     want = [_reference_bucket(int(r), bidirectional, 32, 128) for r in rel]
     np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -141,11 +142,11 @@ def test_scanned_equals_unrolled_loss_and_grads(variant):
     schedule = models.KSchedule(total_steps=10, k_min=1) if variant == "smoe_dropout" else None
     batch = make_batch()
     scanned = models.EncoderDecoderModel(
-        tr.EncoderDecoder(tiny_config(variant, num_selected=num_selected, **sizes)),
+        arch.EncoderDecoder(tiny_config(variant, num_selected=num_selected, **sizes)),
         k_schedule=schedule,
     )
     unrolled = models.EncoderDecoderModel(
-        tr.EncoderDecoder(tiny_config(variant, num_selected=num_selected, scan_layers=False,
+        arch.EncoderDecoder(tiny_config(variant, num_selected=num_selected, scan_layers=False,
                                       remat_policy="full" if variant == "switch" else "none",
                                       **sizes)),
         k_schedule=schedule,
@@ -158,7 +159,7 @@ def test_scanned_equals_unrolled_loss_and_grads(variant):
             assert leaf.shape[0] == 2
     (loss_s, m_s), g_s = loss_and_grad(scanned, params, mutables, batch)
     (loss_u, m_u), g_u = loss_and_grad(
-        unrolled, tr.unstack_layers(params), tr.unstack_layers(mutables), batch
+        unrolled, stacks.unstack_layers(params), stacks.unstack_layers(mutables), batch
     )
     assert np.isfinite(loss_s)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
@@ -166,13 +167,13 @@ def test_scanned_equals_unrolled_loss_and_grads(variant):
     for key in ("moe/load_balance_loss", "moe/router_z_loss",
                 f"moe/decoder/layer_{last}/expert_load"):
         np.testing.assert_allclose(m_s[key], m_u[key], rtol=1e-5, atol=1e-7)
-    assert_trees_close(g_s, tr.stack_layers(g_u), rtol=1e-4, atol=1e-6)
+    assert_trees_close(g_s, stacks.stack_layers(g_u), rtol=1e-4, atol=1e-6)
     if variant == "smoe_dropout":
         assert int(m_s["moe/active_k"]) == 2  # round((2 - 1) * 7 / 10) + 1
 
 
 def test_stack_unstack_roundtrip_and_layer_axis_metadata():
-    model = tr.EncoderDecoder(tiny_config("switch"))
+    model = arch.EncoderDecoder(tiny_config("switch"))
     batch = make_batch()
     boxed = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), batch["encoder_input_tokens"],
@@ -185,29 +186,29 @@ def test_stack_unstack_roundtrip_and_layer_axis_metadata():
     assert tuple(wi) == (part.LAYERS, part.EXPERTS, part.EMBED, part.EXPERT_MLP)
     params = jax.tree.map(lambda s: np.random.rand(*s.shape).astype(np.float32),
                           nn.unbox(boxed)["params"])
-    unrolled = tr.unstack_layers(params)
+    unrolled = stacks.unstack_layers(params)
     assert "layers_1" in unrolled["decoder"] and "layers" not in unrolled["decoder"]
-    assert_trees_close(tr.stack_layers(unrolled), params, rtol=0, atol=0)
+    assert_trees_close(stacks.stack_layers(unrolled), params, rtol=0, atol=0)
 
 
 def test_sparse_step_validation_and_layout():
-    assert tr.sparse_layer_indices(12, 2) == [1, 3, 5, 7, 9, 11]
-    assert tr.sparse_layer_indices(12, 3) == [2, 5, 8, 11]
-    assert tr.sparse_layer_indices(12, 0) == []
-    assert tr.num_periods(12, None) == 12
+    assert arch.sparse_layer_indices(12, 2) == [1, 3, 5, 7, 9, 11]
+    assert arch.sparse_layer_indices(12, 3) == [2, 5, 8, 11]
+    assert arch.sparse_layer_indices(12, 0) == []
+    assert arch_config.num_periods(12, None) == 12
     with pytest.raises(ValueError, match="sparse_step"):
-        tr.num_periods(12, 5)
+        arch_config.num_periods(12, 5)
     with pytest.raises(ValueError, match="MoeConfig"):
-        tr.TransformerConfig(vocab_size=8, encoder_sparse_step=2)
+        arch.TransformerConfig(vocab_size=8, encoder_sparse_step=2)
     with pytest.raises(ValueError, match="remat_policy"):
-        tr.TransformerConfig(vocab_size=8, remat_policy="some")
+        arch.TransformerConfig(vocab_size=8, remat_policy="some")
 
 
 def test_dense_config_has_no_moe_and_dots_remat_runs():
-    cfg = configs.t5_1_1("tiny", vocab_size=VOCAB, emb_dim=16, mlp_dim=32, num_heads=2,
+    cfg = sizes.t5_1_1("tiny", vocab_size=VOCAB, emb_dim=16, mlp_dim=32, num_heads=2,
                          head_dim=8, num_encoder_layers=1, num_decoder_layers=1,
                          remat_policy="dots", dropout_rate=0.1)
-    model = models.EncoderDecoderModel(tr.EncoderDecoder(cfg))
+    model = models.EncoderDecoderModel(arch.EncoderDecoder(cfg))
     batch = make_batch()
     params, mutables = random_variables(model, batch)
     (loss, metrics), grads = loss_and_grad(model, params, mutables, batch)
@@ -222,7 +223,7 @@ def test_dense_config_has_no_moe_and_dots_remat_runs():
 
 
 def _hypermoe_model(num_layers=4):
-    return models.EncoderDecoderModel(tr.EncoderDecoder(tiny_config("hypermoe",
+    return models.EncoderDecoderModel(arch.EncoderDecoder(tiny_config("hypermoe",
                                                                     num_layers=num_layers)))
 
 
@@ -259,13 +260,14 @@ def test_hypernetwork_gets_gradient_from_every_layer():
     generator output (one backward pass of the model, through the scan) split by layer and pulled
     back through the generator separately; the contributions must be nonzero and add up to the
     model's gradient of the hypernetwork."""
-    model = models.EncoderDecoderModel(tr.EncoderDecoder(tiny_config(
+    model = models.EncoderDecoderModel(arch.EncoderDecoder(tiny_config(
         "hypermoe", sparse_step=1, num_layers=2)))
     batch = make_batch()
     params, mutables = random_variables(model, batch)
     cfg = model.config
-    gen = hyper.HyperExpertGenerator(num_layers=2, num_experts=cfg.moe.num_experts,
-                                     num_selected=1, d_model=cfg.emb_dim, **HYPER_SMALL)
+    gen = hyper_experts.HyperExpertGenerator(num_layers=2, num_experts=cfg.moe.num_experts,
+                                             num_selected=1, d_model=cfg.emb_dim,
+                                             config=HYPER_SMALL)
 
     def generate(gen_params):
         return gen.apply({"params": gen_params})
@@ -277,7 +279,7 @@ def test_hypernetwork_gets_gradient_from_every_layer():
     def loss(p, delta):
         def add_delta(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
-            if isinstance(context.module, hyper.HyperExpertGenerator) and (
+            if isinstance(context.module, hyper_experts.HyperExpertGenerator) and (
                 context.method_name == "__call__"
             ):
                 out = jax.tree.map(jnp.add, out, delta[context.module.path[0]])
@@ -320,7 +322,7 @@ def test_hypernetwork_gets_gradient_from_every_layer():
 
 def test_packed_inputs_match_separate_sequences():
     cfg = tiny_config("hypermoe", sparse_step=1, num_layers=2)
-    model = tr.EncoderDecoder(cfg)
+    model = arch.EncoderDecoder(cfg)
     rng = np.random.default_rng(3)
     length = 8
     enc_a, enc_b = rng.integers(2, VOCAB, 3), rng.integers(2, VOCAB, 4)
@@ -366,7 +368,7 @@ def test_packed_inputs_match_separate_sequences():
 
 
 def test_mesh_2x4x1_matches_one_device():
-    model = models.EncoderDecoderModel(tr.EncoderDecoder(tiny_config(
+    model = models.EncoderDecoderModel(arch.EncoderDecoder(tiny_config(
         "hypermoe", sparse_step=1, num_layers=1)))
     batch = make_batch(batch=8)
     params, mutables = random_variables(model, batch)

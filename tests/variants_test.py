@@ -17,10 +17,29 @@ import optax
 import pytest
 from flax import linen as nn
 
-from hypermoe_jax import hyper, routing
 from hypermoe_jax import partitioning as part
+from hypermoe_jax.layers import hyper_experts, routers, routing, variants
+from hypermoe_jax.layers.dispatch import DispatchConfig
+from hypermoe_jax.layers.experts import ExpertsConfig
+from hypermoe_jax.layers.hyper_experts import HyperExpertsConfig
+from hypermoe_jax.layers.routers import RouterConfig
 
 B, L, D, F, E = 8, 8, 8, 16, 8
+
+
+def sparse_mlp(variant, *, num_experts=E, num_selected=1, eval_capacity_factor=2.0,
+               min_capacity=4, placement="dense", dispatch_impl="einsum", adapter_dim=64,
+               mesh=None):
+    """A ``SparseMlp`` of ``variant`` with expert hidden size F."""
+    return variants.SparseMlp(variants.moe_config(
+        variant,
+        experts=ExpertsConfig(num_experts=num_experts, hidden_dim=F),
+        router=RouterConfig(num_selected=num_selected),
+        dispatch=DispatchConfig(eval_capacity_factor=eval_capacity_factor,
+                                min_capacity=min_capacity, impl=dispatch_impl),
+        hyper_experts=HyperExpertsConfig(placement=placement),
+        shared_adapter=variants.SharedAdapterConfig(bottleneck_dim=adapter_dim),
+    ), mesh=mesh)
 
 
 def random_values(abstract, seed):
@@ -64,7 +83,7 @@ def np_topk_moe(x, logits, wi, wo, k):
 def np_hyper_router(router_vars, num_experts):
     """HyperRouter weights from its parameters: reshape(H(r), [E, d + 1])."""
     hp = {k: np.asarray(v, np.float64) for k, v in router_vars["params"]["hyper"].items()}
-    fz = {k: np.asarray(v, np.float64) for k, v in router_vars[routing.FROZEN]["hyper"].items()}
+    fz = {k: np.asarray(v, np.float64) for k, v in router_vars[routers.FROZEN]["hyper"].items()}
     h = np_relu(hp["embedding"] @ fz["l1_kernel"] + fz["l1_bias"])
     flat = (h @ fz["l2_kernel"] + fz["l2_bias"]).reshape(num_experts, -1)
     return flat[:, :-1], flat[:, -1]
@@ -86,16 +105,15 @@ def router_vars(variables, path=("moe", "router")):
 
 
 def test_hyper_router_generates_reshape_of_frozen_hypernetwork():
-    layer = hyper.SparseMlp(variant="hyperrouter", num_experts=4, expert_hidden_dim=F,
-                            num_selected=2)
+    layer = sparse_mlp("hyperrouter", num_experts=4, num_selected=2)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 32))
     variables = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
     variables = nn.meta.unbox(variables)
-    assert set(variables) == {"params", routing.FROZEN}
+    assert set(variables) == {"params", routers.FROZEN}
     r = router_vars(variables)
     assert set(r["params"]["hyper"]) == {"embedding"}
-    assert set(r[routing.FROZEN]["hyper"]) == {"l1_kernel", "l1_bias", "l2_kernel", "l2_bias"}
-    fz = r[routing.FROZEN]["hyper"]
+    assert set(r[routers.FROZEN]["hyper"]) == {"l1_kernel", "l1_bias", "l2_kernel", "l2_bias"}
+    fz = r[routers.FROZEN]["hyper"]
     assert fz["l1_kernel"].shape == (32, 256) and fz["l2_kernel"].shape == (256, 4 * 33)
     for name in ("l1_kernel", "l2_kernel"):
         assert abs(float(np.std(fz[name])) - 0.02) < 0.002, name
@@ -104,16 +122,15 @@ def test_hyper_router_generates_reshape_of_frozen_hypernetwork():
 
     # Router logits == x W^T + b with [W | b] = reshape(H(r)), computed in numpy.
     w, b = np_hyper_router(r, 4)
-    logits = routing.Router(num_experts=4, kind="hyper").apply(r, x)
+    logits = routers.Router(4, RouterConfig(kind="hyper")).apply(r, x)
     np.testing.assert_allclose(logits, np.asarray(x, np.float64) @ w.T + b, rtol=1e-5, atol=1e-5)
 
 
 def test_hyper_router_optimizer_step_trains_only_the_embedding():
-    layer = hyper.SparseMlp(variant="hyperrouter", num_experts=4, expert_hidden_dim=F,
-                            num_selected=2)
+    layer = sparse_mlp("hyperrouter", num_experts=4, num_selected=2)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, D))
     variables = random_values(jax.eval_shape(layer.init, jax.random.PRNGKey(1), x), 2)
-    params, frozen = variables["params"], variables[routing.FROZEN]
+    params, frozen = variables["params"], variables[routers.FROZEN]
     frozen_before = jax.tree.map(np.array, frozen)
     tx = optax.adamw(1e-2, weight_decay=0.1)  # only `params` are handed to the optimizer
     opt_state = tx.init(params)
@@ -121,7 +138,7 @@ def test_hyper_router_optimizer_step_trains_only_the_embedding():
     @jax.jit
     def train_step(params, opt_state, frozen, x):
         def loss_fn(params):
-            y, aux = layer.apply({"params": params, routing.FROZEN: frozen}, x,
+            y, aux = layer.apply({"params": params, routers.FROZEN: frozen}, x,
                                  deterministic=False)
             return jnp.mean(y**2) + 0.01 * aux.load_balance_loss
 
@@ -139,8 +156,8 @@ def test_hyper_router_optimizer_step_trains_only_the_embedding():
     opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(opt_state)[0]]
     assert opt_paths and not any("l1_" in p or "l2_" in p for p in opt_paths)
     # The generated router moved with the embedding.
-    w0, _ = np_hyper_router(router_vars({"params": params, routing.FROZEN: frozen}), 4)
-    w1, _ = np_hyper_router(router_vars({"params": new_params, routing.FROZEN: frozen}), 4)
+    w0, _ = np_hyper_router(router_vars({"params": params, routers.FROZEN: frozen}), 4)
+    w1, _ = np_hyper_router(router_vars({"params": new_params, routers.FROZEN: frozen}), 4)
     assert np.abs(w1 - w0).max() > 0
 
 
@@ -164,8 +181,8 @@ def test_linear_k_schedule_matches_the_formula():
 
 @pytest.mark.parametrize("variant", ["smoe_dropout", "hyperrouter"])
 def test_any_k_at_eval_from_one_set_of_params_without_recompiling(variant):
-    layer = hyper.SparseMlp(variant=variant, num_experts=E, expert_hidden_dim=F, num_selected=E,
-                            eval_capacity_factor=1.0)  # C = S: nothing dropped at any k
+    layer = sparse_mlp(variant, num_selected=E,
+                       eval_capacity_factor=1.0)  # C = S: nothing dropped at any k
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, D))
     abstract = jax.eval_shape(layer.init, jax.random.PRNGKey(1), x)
     variables = random_values(abstract, 3)
@@ -177,7 +194,7 @@ def test_any_k_at_eval_from_one_set_of_params_without_recompiling(variant):
         return layer.apply(variables, x, active_k=k)[0]
 
     if variant == "smoe_dropout":
-        kernel = np.asarray(variables[routing.FROZEN]["moe"]["router"]["kernel"], np.float64)
+        kernel = np.asarray(variables[routers.FROZEN]["moe"]["router"]["kernel"], np.float64)
         logits = np.asarray(x, np.float64) @ kernel
     else:
         w, b = np_hyper_router(router_vars(variables), E)
@@ -196,11 +213,10 @@ def test_any_k_at_eval_from_one_set_of_params_without_recompiling(variant):
 
 
 def test_smoe_dropout_training_with_the_k_schedule_compiles_once():
-    layer = hyper.SparseMlp(variant="smoe_dropout", num_experts=E, expert_hidden_dim=F,
-                            num_selected=E)
+    layer = sparse_mlp("smoe_dropout", num_selected=E)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, D))
     variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.PRNGKey(1), x))
-    params, frozen = variables["params"], variables[routing.FROZEN]
+    params, frozen = variables["params"], variables[routers.FROZEN]
     assert "router" not in params["moe"]  # the random router is frozen, not a parameter
     assert frozen["moe"]["router"]["kernel"].shape == (D, E)
     traces = []
@@ -211,7 +227,7 @@ def test_smoe_dropout_training_with_the_k_schedule_compiles_once():
         k = routing.linear_k_schedule(step, 100, 2, E)
 
         def loss_fn(params):
-            y, _ = layer.apply({"params": params, routing.FROZEN: frozen}, x,
+            y, _ = layer.apply({"params": params, routers.FROZEN: frozen}, x,
                                deterministic=False, active_k=k)
             return jnp.sum(y**2)
 
@@ -231,9 +247,8 @@ def test_smoe_dropout_training_with_the_k_schedule_compiles_once():
 
 
 def test_moe_share_adds_a_static_adapter_to_the_moe_output():
-    share = hyper.SparseMlp(variant="moe_share", num_experts=4, expert_hidden_dim=F,
-                            adapter_dim=6)
-    switch = hyper.SparseMlp(variant="switch", num_experts=4, expert_hidden_dim=F)
+    share = sparse_mlp("moe_share", num_experts=4, adapter_dim=6)
+    switch = sparse_mlp("switch", num_experts=4)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, D))
     init = nn.meta.unbox(jax.jit(share.init)(jax.random.PRNGKey(1), x))
     a = init["params"]["share_adapter"]
@@ -281,17 +296,18 @@ GENERATORS = {  # one generator per stack; "top1" feeds two layers
 
 def build(mesh):
     gens = {
-        name: hyper.HyperExpertGenerator(num_experts=E, d_model=D, bottleneck_dim=4, **kw)
+        name: hyper_experts.HyperExpertGenerator(
+            num_experts=E, d_model=D, num_layers=kw["num_layers"], num_selected=kw["num_selected"],
+            config=HyperExpertsConfig(bottleneck_dim=4, max_sets=kw.get("max_sets", 256)))
         for name, kw in GENERATORS.items()
     }
     layers = {
-        name: hyper.SparseMlp(num_experts=E, expert_hidden_dim=F, eval_capacity_factor=0.5,
-                              min_capacity=1, mesh=mesh, **kw)
+        name: sparse_mlp(eval_capacity_factor=0.5, min_capacity=1, mesh=mesh, **kw)
         for name, (kw, _, _) in MESH_LAYERS.items()
     }
 
     def init(key, x):
-        variables = {"params": {}, routing.FROZEN: {}}
+        variables = {"params": {}, routers.FROZEN: {}}
         hyper_inputs = {}
         for name, gen in gens.items():
             v = gen.init(key)
@@ -317,7 +333,7 @@ def build(mesh):
                 hi = jax.tree.map(lambda a, m=gen[1]: a[m], hyper_inputs[gen[0]])
             v = {"params": params[name]}
             if name in frozen:
-                v[routing.FROZEN] = frozen[name]
+                v[routers.FROZEN] = frozen[name]
             k = None if active_k is None else jnp.int32(active_k)
             outs[name], aux = layer.apply(v, x, hyper_inputs=hi, active_k=k)
             lb = lb + aux.load_balance_loss + aux.z_loss
@@ -344,7 +360,7 @@ def single_device_result():
     cot = {n: jax.random.normal(jax.random.PRNGKey(i), (B, L, D))
            for i, n in enumerate(MESH_LAYERS)}
     (loss, (outs, dropped)), grads = value_and_grads(apply, cot)(
-        variables["params"], variables[routing.FROZEN], x)
+        variables["params"], variables[routers.FROZEN], x)
     assert all(float(v) > 0 for v in dropped.values()), dropped  # capacity drops tokens
     return x, abstract, variables, cot, (loss, outs, grads)
 
@@ -359,7 +375,7 @@ def test_every_variant_on_a_mesh_equals_one_device(mesh_shape):
         sharded = jax.device_put(variables, shardings)
         x_sharded = jax.device_put(x, part.logical_sharding(mesh, (part.BATCH, None, None)))
         (loss_m, (outs_m, _)), grads_m = value_and_grads(apply, cot)(
-            sharded["params"], sharded[routing.FROZEN], x_sharded)
+            sharded["params"], sharded[routers.FROZEN], x_sharded)
     # Expert weights are really split over the expert axis.
     wi = sharded["params"]["switch"]["moe"]["experts"]["wi"]
     assert wi.sharding.shard_shape(wi.shape)[0] == E // mesh_shape[1]

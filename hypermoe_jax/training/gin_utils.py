@@ -21,7 +21,7 @@ from pathlib import Path
 
 import gin
 
-PROJECT_GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+PROJECT_GIN_DIR = Path(__file__).resolve().parent.parent.parent / "gin"
 _REQUIRED_DECL = re.compile(r"^\s*([A-Z][A-Z0-9_]*)\s*=\s*%gin\.REQUIRED\b", re.M)
 _LITERAL_START = re.compile(r"""^\s*(['"%@\[\({]|-?\d|True\b|False\b|None\b)""")
 

@@ -7,8 +7,8 @@
 - :func:`byte_vocabulary`: UTF-8 bytes (``seqio.ByteVocabulary``: pad 0, eos 1, unk 2, byte b ->
   b + 3; 259 ids) for the character-level tasks (enwik8, text8, wiki_char_lm, wiki_text8_lm).
 - :func:`offline_vocabulary`: a sentencepiece model trained here, on the training splits of the
-  offline word-level corpora (SOTU + Shakespeare, see :mod:`hypermoe_jax.data`), shared by all
-  offline word-level tasks so that a model pretrained on one can be fine-tuned on another.
+  offline word-level corpora (SOTU + Shakespeare, see :mod:`hypermoe_jax.data.catalog`), shared
+  by all offline word-level tasks so that a model pretrained on one can be fine-tuned on another.
   8,000 pieces + 100 sentinel ids. Training takes ~15 s once; the model is cached under
   ``<cache>/vocab/`` keyed by a hash of its training text and options, and training is
   deterministic (one thread), so hosts that train it independently get identical models.
@@ -29,7 +29,8 @@ from pathlib import Path
 import gin
 import seqio
 
-from hypermoe_jax import data as data_lib
+from hypermoe_jax.data.cache import cache_dir
+from hypermoe_jax.data.catalog import require
 
 T5_SPM_ENV = "HYPERMOE_T5_SPM"
 T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
@@ -90,7 +91,7 @@ class LazySentencePieceVocabulary(seqio.SentencePieceVocabulary):
                 f"{type(e).__name__}: {e}. "
                 + (f"Set {T5_SPM_ENV}=/path/to/sentencepiece.model (T5's "
                    f"{T5_SPM_PATH}, copied locally) or bind "
-                   "hypermoe_jax.vocab.t5_sentencepiece_path.path in gin."
+                   "hypermoe_jax.data.vocab.t5_sentencepiece_path.path in gin."
                    if self._name == "t5" else "")
             ) from e
 
@@ -188,14 +189,13 @@ def train_sentencepiece(files: Sequence[str | os.PathLike], vocab_size: int,
 
 def offline_sentencepiece_path(vocab_size: int = OFFLINE_VOCAB_SIZE) -> str:
     """The shared offline model (trained on first call), from the current cache."""
-    dirs = [data_lib.require(name) for name in OFFLINE_CORPORA]
+    dirs = [require(name) for name in OFFLINE_CORPORA]
     files = [d / "train.txt" for d in dirs]
-    return str(train_sentencepiece(files, vocab_size, data_lib.cache_dir() / "vocab",
-                                   name="offline"))
+    return str(train_sentencepiece(files, vocab_size, cache_dir() / "vocab", name="offline"))
 
 
 def _cache_key() -> str:
-    return str(data_lib.cache_dir())
+    return str(cache_dir())
 
 
 @functools.cache

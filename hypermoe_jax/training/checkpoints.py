@@ -16,18 +16,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import struct
 
-Array = jax.Array
-
-
-@struct.dataclass
-class TrainState:
-    step: Array
-    params: Any
-    opt_state: Any
-    flax_mutables: Any  # non-trainable collections (e.g. ``frozen``); saved, never optimised
-    rng: Array
+from hypermoe_jax.training.errors import CheckpointMismatchError
+from hypermoe_jax.training.state import TrainState
 
 
 @contextlib.contextmanager
@@ -39,10 +30,6 @@ def _absl_level(level: int):
         yield
     finally:
         logger.setLevel(old)
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model it is restored into."""
 
 
 def _shapes_by_path(tree) -> dict[str, tuple | None]:

@@ -1,12 +1,15 @@
-"""Batched expert MLPs ``[E, d, f]``.
+"""Batched expert MLPs ``[E, d, f]`` and expert-indexed bottleneck adapters.
 
+``ExpertsConfig`` declares the experts (how many, hidden size, activation, dropout).
 ``MlpExperts`` only owns the weights (with logical axis names); the computation is the pure
 function ``expert_mlp`` so that the MoE layer can run it inside ``jax.shard_map`` on the local
 expert shard (weights ``[E_local, d, f_local]``) with an optional ``psum`` over the ``model`` axis.
+``adapter_mlp`` applies per-expert bottleneck adapters (HyperMoE's fused HyperExperts) the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -16,8 +19,8 @@ from flax import linen as nn
 from hypermoe_jax import partitioning as part
 
 Array = jax.Array
-Activation = Literal["relu", "gelu", "gated-gelu", "gated-silu"]
-ACTIVATIONS = ("relu", "gelu", "gated-gelu", "gated-silu")
+Activation = Literal["relu", "gelu", "silu", "gated-gelu", "gated-silu"]
+ACTIVATIONS = ("relu", "gelu", "silu", "gated-gelu", "gated-silu")
 
 # T5X's MoE init: fan-in truncated normal on [E, d_in, d_out], E a batch axis.
 default_expert_init = nn.initializers.variance_scaling(
@@ -29,14 +32,48 @@ def is_gated(activation: str) -> bool:
     return activation.startswith("gated-")
 
 
-def _act(activation: str):
-    if activation in ("relu",):
+def activation_fn(activation: str):
+    """The elementwise function of an MLP activation name (gated ones: of the gate branch)."""
+    if activation == "relu":
         return jax.nn.relu
     if activation in ("gelu", "gated-gelu"):
         return lambda v: jax.nn.gelu(v, approximate=True)
-    if activation == "gated-silu":
+    if activation in ("silu", "gated-silu"):
         return jax.nn.silu
     raise ValueError(f"Unknown activation {activation!r}; choose one of {ACTIVATIONS}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsConfig:
+    """The experts of an MoE layer.
+
+    Attributes:
+      num_experts: E.
+      hidden_dim: f of each expert; None = the architecture's dense ``mlp_dim`` (a layer used on
+        its own needs it set).
+      activation: one of ``ACTIVATIONS``; None = the architecture's MLP activation (``relu`` for a
+        layer used on its own).
+      dropout_rate: dropout on the experts' hidden activations (training only).
+    """
+
+    num_experts: int = 8
+    hidden_dim: int | None = None
+    activation: Activation | None = None
+    dropout_rate: float = 0.0
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise ValueError(f"ExpertsConfig.num_experts must be >= 1, got {self.num_experts}.")
+        if self.activation is not None:
+            activation_fn(self.activation)  # validate early
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(
+                f"ExpertsConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+
+    def with_defaults(self, hidden_dim: int, activation: str) -> ExpertsConfig:
+        """This config with its unset fields taken from the architecture's dense MLP."""
+        return dataclasses.replace(self, hidden_dim=self.hidden_dim or hidden_dim,
+                                   activation=self.activation or activation)
 
 
 class MlpExperts(nn.Module):
@@ -51,7 +88,7 @@ class MlpExperts(nn.Module):
 
     @nn.compact
     def __call__(self, d_model: int) -> dict[str, Array]:
-        _act(self.activation)  # validate early
+        activation_fn(self.activation)  # validate early
         e, f = self.num_experts, self.hidden_dim
         wi_axes = (part.EXPERTS, part.EMBED, part.EXPERT_MLP)
         wo_axes = (part.EXPERTS, part.EXPERT_MLP, part.EMBED)
@@ -92,7 +129,7 @@ def expert_mlp(
     Returns:
       <[E, G, C, d]>; when ``f`` is sharded the caller sums the partial results over ``model``.
     """
-    act = _act(activation)
+    act = activation_fn(activation)
     x = x.astype(dtype)
     if is_gated(activation):
         h = act(jnp.einsum("egcd,edf->egcf", x, weights["wi_0"].astype(dtype)))

@@ -1,45 +1,21 @@
-"""Tokens-choose routing: router logits, top-k selection, capacity, token priority, aux losses.
+"""Tokens-choose routing: top-k selection, capacity, token priority, aux losses and metrics.
 
 Shapes: G token groups, S tokens per group, E experts, K choices per token, C expert capacity.
 
-The router produces float32 logits ``[G, S, E]``; ``route_tokens`` turns them into a frozen
-``Routing`` (dispatch mask, combine weights, the top-k choices before capacity, ...). Aux losses and
-metrics are free functions of a ``Routing`` so they can be computed wherever the layer runs
-(also under ``nn.scan``).
-
-Router kinds (``Router.kind``):
-
-* ``linear``        -- a trainable ``[d, E]`` kernel (Switch / GShard);
-* ``frozen_random`` -- a random ``[d, E]`` kernel, N(0, 0.02), never trained (SMoE-Dropout). It
-  lives in the ``frozen`` variable collection, not in ``params``: optimizers never see it,
-  checkpoints keep it;
-* ``hyper``         -- HyperRouter: a trainable router embedding ``r`` and a frozen per-layer
-  hypernetwork ``H(r) = L2 relu(L1 r)`` generating ``[E, d + 1]`` router weights and biases.
+A router (``routers.Router``) produces float32 logits ``[G, S, E]``; ``route_tokens`` turns them
+into a frozen ``Routing`` (dispatch mask, combine weights, the top-k choices before capacity, each
+kept choice's slot, ...). Aux losses and metrics are free functions of a ``Routing`` so they can be
+computed wherever the layer runs (also under ``nn.scan``). ``linear_k_schedule`` is SMoE-Dropout's
+growing k.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 from flax import struct
 
-from hypermoe_jax import partitioning as part
-
 Array = jax.Array
-
-# The variable collection of weights that are saved but never trained.
-FROZEN = "frozen"
-# The rng stream of router jitter.
-JITTER = "jitter"
-
-RouterKind = Literal["linear", "frozen_random", "hyper"]
-GateNormalization = Literal["none", "softmax_topk"]
-
-default_router_init = nn.initializers.normal(stddev=2e-2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +85,7 @@ def route_tokens(
     padding_mask: Array | None = None,
     active_k: Array | int | None = None,
     batch_prioritized: bool = False,
-    gate_normalization: GateNormalization = "none",
+    gate_normalization: str = "none",
 ) -> Routing:
     """Tokens choose their top-k experts; experts keep the first ``capacity`` by priority.
 
@@ -257,128 +233,9 @@ def routing_metrics(routing: Routing) -> dict[str, Array]:
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Router module
-# --------------------------------------------------------------------------------------------
-
-
-def apply_jitter(x: Array, noise: float, rng: Array) -> Array:
-    """Multiplicative jitter ``x * U(1 - noise, 1 + noise)`` (Switch)."""
-    return x * jax.random.uniform(rng, x.shape, x.dtype, 1.0 - noise, 1.0 + noise)
-
-
-class Router(nn.Module):
-    """Produces float32 router logits ``[..., E]`` from token features ``[..., d]``.
-
-    Attributes:
-      num_experts: E.
-      kind: ``linear`` | ``frozen_random`` | ``hyper`` (see module docstring).
-      jitter_noise: multiplicative jitter on the router inputs in training (rng stream ``jitter``).
-      use_bias: add a trainable bias (``linear`` only; HyperRouter generates its own bias).
-      hyper_embed_dim: HyperRouter embedding size d_r (None = d_model, as the official code).
-      hyper_hidden_dim: HyperRouter hypernetwork hidden size.
-    """
-
-    num_experts: int
-    kind: RouterKind = "linear"
-    jitter_noise: float = 0.0
-    use_bias: bool = False
-    hyper_embed_dim: int | None = None
-    hyper_hidden_dim: int = 256
-    kernel_init: nn.initializers.Initializer = default_router_init
-
-    @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-        x = x.astype(jnp.float32)
-        if self.jitter_noise > 0 and not deterministic:
-            x = apply_jitter(x, self.jitter_noise, self.make_rng(JITTER))
-        d_model = x.shape[-1]
-        if self.kind == "linear":
-            kernel = self.param(
-                "kernel",
-                nn.with_logical_partitioning(self.kernel_init, (part.EMBED, part.UNMODELED)),
-                (d_model, self.num_experts),
-                jnp.float32,
-            )
-            logits = jnp.einsum("...d,de->...e", x, kernel)
-            if self.use_bias:
-                bias = self.param(
-                    "bias",
-                    nn.with_logical_partitioning(nn.initializers.zeros, (part.UNMODELED,)),
-                    (self.num_experts,),
-                    jnp.float32,
-                )
-                logits = logits + bias
-            return logits
-        if self.kind == "frozen_random":
-            kernel = self.variable(
-                FROZEN,
-                "kernel",
-                lambda: nn.initializers.normal(0.02)(
-                    self.make_rng("params"), (d_model, self.num_experts), jnp.float32
-                ),
-            ).value
-            return jnp.einsum("...d,de->...e", x, jax.lax.stop_gradient(kernel))
-        if self.kind == "hyper":
-            weight, bias = HyperRouterWeights(
-                num_experts=self.num_experts,
-                embed_dim=self.hyper_embed_dim,
-                hidden_dim=self.hyper_hidden_dim,
-                name="hyper",
-            )(d_model)
-            return jnp.einsum("...d,ed->...e", x, weight) + bias
-        raise ValueError(f"Unknown router kind {self.kind!r}; use linear, frozen_random or hyper.")
-
-
-class HyperRouterWeights(nn.Module):
-    """HyperRouter: router weights generated by a frozen hypernetwork from a trainable embedding.
-
-    ``r``: trainable, N(0, 1), shape [d_r]. ``H(r) = L2 relu(L1 r + c1) + c2`` with
-    L1: d_r -> hidden, L2: hidden -> E*(d+1), N(0, 0.02), biases 0, all frozen (collection
-    ``frozen``).
-    Returns ``W`` <float32>[E, d] and ``b`` <float32>[E] from ``reshape(H(r), [E, d + 1])``.
-    """
-
-    num_experts: int
-    embed_dim: int | None = None
-    hidden_dim: int = 256
-
-    @nn.compact
-    def __call__(self, d_model: int) -> tuple[Array, Array]:
-        d_r = self.embed_dim or d_model
-        out = self.num_experts * (d_model + 1)
-        embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), (part.HYPER,)),
-            (d_r,),
-            jnp.float32,
-        )
-
-        def frozen(name, shape, init):
-            return self.variable(
-                FROZEN, name, lambda: init(self.make_rng("params"), shape, jnp.float32)
-            ).value
-
-        normal = nn.initializers.normal(0.02)
-        zeros = nn.initializers.zeros
-        l1_kernel = frozen("l1_kernel", (d_r, self.hidden_dim), normal)
-        l1_bias = frozen("l1_bias", (self.hidden_dim,), zeros)
-        l2_kernel = frozen("l2_kernel", (self.hidden_dim, out), normal)
-        l2_bias = frozen("l2_bias", (out,), zeros)
-        frozen_params = jax.lax.stop_gradient((l1_kernel, l1_bias, l2_kernel, l2_bias))
-        l1_kernel, l1_bias, l2_kernel, l2_bias = frozen_params
-        h = jax.nn.relu(embedding @ l1_kernel + l1_bias)
-        flat = (h @ l2_kernel + l2_bias).reshape(self.num_experts, d_model + 1)
-        return flat[:, :d_model], flat[:, d_model]
-
-
 def linear_k_schedule(step: Array | int, total_steps: int, k_min: int, k_max: int) -> Array:
     """SMoE-Dropout's growing k: ``round((k_max - k_min) * t / T) + k_min``, clipped to k_max."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     frac = jnp.clip(jnp.asarray(step, jnp.float32) / float(total_steps), 0.0, 1.0)
     return (jnp.round((k_max - k_min) * frac) + k_min).astype(jnp.int32)
-
-
-def num_combinations(n: int, k: int) -> int:
-    return math.comb(n, k)

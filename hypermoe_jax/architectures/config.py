@@ -1,0 +1,114 @@
+"""``TransformerConfig``: sizes and options of a T5-style encoder-decoder or decoder-only stack,
+and the names of the variable collections and rng streams the architectures use.
+
+Sparse layers: every ``sparse_step``-th block of a stack is sparse (blocks s-1, 2s-1, ...) and
+uses ``TransformerConfig.moe`` (a ``layers.variants.MoeConfig``, shared by every MoE layer of both
+stacks). The layers of a stack are grouped into P periods of ``sparse_step`` blocks --
+``sparse_step - 1`` dense blocks and one sparse block -- and the period is what ``nn.scan``
+repeats (``sparse_step`` 0 / None: a period is one dense block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from hypermoe_jax.layers import routers
+from hypermoe_jax.layers.variants import MoeConfig
+
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+# Variable collections: ``params`` (trained), ``frozen`` (saved, never trained: HyperRouter's
+# hypernetwork, SMoE-Dropout's router), ``cache`` (decoding; transient).
+PARAMS = "params"
+FROZEN = routers.FROZEN
+CACHE = "cache"
+INTERMEDIATES = "intermediates"
+# Rng streams of a training forward pass.
+DROPOUT = "dropout"
+JITTER = routers.JITTER
+RNG_STREAMS = (DROPOUT, JITTER)
+
+# T5 v1.1 initialisers of dense kernels and token embeddings.
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+default_embed_init = nn.initializers.normal(stddev=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Sizes and options of a T5-style transformer (encoder-decoder or decoder-only).
+
+    ``encoder_sparse_step`` / ``decoder_sparse_step``: every s-th block of the stack is sparse
+    (blocks s-1, 2s-1, ...); 0 or None = all dense; the number of layers must be a multiple of s.
+    ``moe``: the MoE layers (their experts' unset ``hidden_dim`` / ``activation`` are taken from
+    ``mlp_dim`` / ``activation``).
+    ``remat_policy`` (per scanned period): ``none`` | ``full`` (save nothing, recompute the
+    period in the backward pass) | ``dots`` (save matmul outputs) | ``dots_no_batch`` (save
+    matmuls without batch dimensions, i.e. weight-stationary ones).
+    """
+
+    vocab_size: int
+    emb_dim: int = 512
+    num_heads: int = 8
+    head_dim: int = 64
+    mlp_dim: int = 2048
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    activation: str = "gated-gelu"
+    dropout_rate: float = 0.1
+    dropout_broadcast_dims: tuple[int, ...] = (-2,)
+    logits_via_embedding: bool = False
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    encoder_sparse_step: int | None = None
+    decoder_sparse_step: int | None = None
+    moe: MoeConfig | None = None
+    scan_layers: bool = True
+    remat_policy: RematPolicy = "none"
+    float32_attention_logits: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"Unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}."
+            )
+        if is_sparse(self.encoder_sparse_step) or is_sparse(self.decoder_sparse_step):
+            if self.moe is None:
+                raise ValueError(
+                    "A sparse_step is set but TransformerConfig.moe is None; pass a MoeConfig "
+                    "(or set encoder_sparse_step / decoder_sparse_step to 0 for a dense model)."
+                )
+        if self.moe is not None:
+            object.__setattr__(self, "moe", self.moe.with_mlp_defaults(self.mlp_dim,
+                                                                       self.activation))
+
+
+def is_sparse(step: int | None) -> bool:
+    return bool(step) and step > 0
+
+
+def num_periods(num_layers: int, sparse_step: int | None) -> int:
+    """Scan length P of a stack (= its number of MoE layers when it is sparse)."""
+    if not is_sparse(sparse_step):
+        return num_layers
+    if num_layers % sparse_step:
+        raise ValueError(
+            f"{num_layers} layers cannot be split into periods of sparse_step={sparse_step} "
+            f"(sparse_step-1 dense blocks + 1 sparse block); choose a sparse_step that divides "
+            f"the number of layers."
+        )
+    return num_layers // sparse_step
+
+
+def sparse_layer_indices(num_layers: int, sparse_step: int | None) -> list[int]:
+    """Block indices (0-based) of the MoE layers of a stack, in order."""
+    if not is_sparse(sparse_step):
+        return []
+    return [p * sparse_step + sparse_step - 1 for p in range(num_periods(num_layers, sparse_step))]

@@ -1,0 +1,14 @@
+"""Runs: pretraining, fine-tuning, evaluation and inference, configured with gin.
+
+A run is ``python -m hypermoe_jax.train --gin_file=... --gin.NAME=VALUE``: ``cli.main`` parses
+the gin files (``gin_utils``), and the run gin (gin/runs/*.gin) binds ``cli.run.fn`` to
+``train.train``, ``evaluate.evaluate`` or ``evaluate.infer``, which ``cli.run`` calls.
+
+* ``cli``: ``main`` (arguments, multi-host start-up, errors as one line) and ``run``.
+* ``train``: the train step and the training loop (resume, preemption, periodic evals).
+* ``evaluate``: loss metrics, decoded predictions with seqio metrics; ``evaluate`` / ``infer``.
+* ``datasets``: ``DatasetConfig`` and the seqio pipeline; ``state``: ``TrainState``, the mesh,
+  sharded initialisation; ``checkpoints``: orbax save / restore; ``optimizers``: T5's optimizers
+  and schedules; ``reporting``: metrics files and printed lines; ``errors``: what a user is told.
+* ``quickstart``: fetch data, train a tiny model, evaluate it.
+"""

@@ -1,0 +1,124 @@
+"""The data of a run: which seqio task or mixture to read (``DatasetConfig``, bound in the run
+gins) and its batched, feature-converted ``tf.data`` pipeline, sharded over hosts.
+
+Tasks are registered by importing the ``tasks`` package (and ``DatasetConfig.module``, if set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+
+import gin
+import numpy as np
+
+from hypermoe_jax.training import gin_utils
+from hypermoe_jax.training.errors import RunError
+
+
+@gin.configurable
+@dataclasses.dataclass
+class DatasetConfig:
+    """Which seqio task/mixture to read, and how (as ``t5x.utils.DatasetConfig``)."""
+
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    split: str = "train"
+    batch_size: int = 8
+    shuffle: bool = True
+    seed: int | None = 0
+    pack: bool = False
+    use_cached: bool = False
+    module: str | None = None  # imported first, so that its tasks are registered
+
+
+def _import_tasks(module: str | None) -> None:
+    for name in ([module] if module else []) + ["tasks"]:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            if name == module:
+                raise RunError(f"Cannot import task module {module!r}.") from None
+
+
+def get_task(name: str, module: str | None = None):
+    import seqio
+
+    _import_tasks(module)
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError:
+        names = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
+        raise RunError(
+            f"Unknown task or mixture {name!r}.{gin_utils.suggest(name, names)} Registered: "
+            f"{', '.join(names[:40])}{' ...' if len(names) > 40 else ''}. Set "
+            "MIXTURE_OR_TASK_NAME to one of them (tasks are registered by importing `tasks`)."
+        ) from None
+
+
+def get_dataset(
+    cfg: DatasetConfig,
+    feature_converter_cls,
+    *,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    num_epochs: int | None = None,
+    skip_batches: int = 0,
+):
+    """A batched, converted ``tf.data.Dataset`` of numpy-able dicts (per host)."""
+    import seqio
+
+    task = get_task(cfg.mixture_or_task_name, cfg.module)
+    if cfg.batch_size % num_shards:
+        raise RunError(f"batch_size {cfg.batch_size} is not divisible by {num_shards} hosts.")
+    try:
+        ds = task.get_dataset(
+            sequence_length=dict(cfg.task_feature_lengths),
+            split=cfg.split,
+            use_cached=cfg.use_cached,
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            num_epochs=num_epochs,
+            shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
+        )
+    except ValueError as e:  # e.g. an empty or unknown split
+        raise RunError(
+            f"Cannot read dataset {cfg.mixture_or_task_name!r} split {cfg.split!r}: {e}"
+        ) from e
+    converter = feature_converter_cls(pack=cfg.pack)
+    ds = converter(ds, dict(cfg.task_feature_lengths))
+    ds = ds.batch(cfg.batch_size // num_shards, drop_remainder=True)
+    if skip_batches:
+        ds = ds.skip(skip_batches)
+    return ds
+
+
+def first_batch(ds, cfg: DatasetConfig):
+    """``(first batch, iterator over the rest)`` of ``ds``; RunError when it has no batch."""
+    it = iter(ds.as_numpy_iterator())
+    try:
+        first = next(it)
+    except StopIteration:
+        raise RunError(
+            f"Dataset {cfg.mixture_or_task_name!r} split {cfg.split!r} produced no batches of "
+            f"{cfg.batch_size} examples (task_feature_lengths={dict(cfg.task_feature_lengths)}). "
+            "Check that the data exists and is not empty, or lower BATCH_SIZE."
+        ) from None
+    return first, it
+
+
+def input_specs(batch, batch_size: int) -> tuple[dict, dict]:
+    """The shapes (with the global ``batch_size``) and dtypes of ``batch``'s features, as
+    ``model.get_initial_variables`` takes them."""
+    input_shapes = {k: (batch_size, *np.shape(v)[1:]) for k, v in batch.items()}
+    input_types = {k: np.asarray(v).dtype for k, v in batch.items()}
+    return input_shapes, input_types
+
+
+def num_target_tokens(batch) -> int:
+    """The target tokens of a batch that the loss counts (nonzero weight, or not padding)."""
+    w = batch.get("decoder_loss_weights")
+    if w is None:
+        w = batch.get("decoder_target_tokens")
+    return int(np.sum(np.asarray(w) > 0))
