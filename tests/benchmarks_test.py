@@ -56,3 +56,22 @@ def test_moe_layer_benchmark_quick(tmp_path):
             assert row[key] > 0, key
         assert row["num_groups"] * row["group_size"] == row["num_tokens"]
         assert row["expert_capacity"] >= 1
+
+
+def test_any_k_benchmark_quick(tmp_path):
+    bench = load_benchmark("any_k")
+    out = tmp_path / "any_k.json"
+    result = bench.main(["--quick", "--out", str(out)])
+    on_disk = json.loads(out.read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert on_disk["benchmark"] == "any_k" and on_disk["quick"] is True
+    ks = on_disk["config"]["k_values"]
+    rows = on_disk["results"]
+    assert [r["k"] for r in rows] == ks
+    for r in rows:
+        assert r["static_ms"] > 0 and r["traced_ms"] > 0
+        assert len(r["static_ms_all"]) == on_disk["config"]["repetitions"]
+    assert rows[-1]["static_over_static_kmax"] == 1.0
+    target = on_disk["target"]
+    assert target["k"] == min(ks) and isinstance(target["met"], bool)
+    assert target["ratio"] == rows[0]["static_over_static_kmax"]

@@ -305,3 +305,32 @@ def test_beam_search_on_mesh_2x4x1_matches_one_device():
     assert "all_to_all" in lowered.as_text()
     np.testing.assert_array_equal(np.asarray(seqs_8), np.asarray(seqs_1))
     np.testing.assert_allclose(aux_8["scores"], aux_1["scores"], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_drops_no_token_a_sequence_decodes_the_same_alone_or_in_a_batch():
+    """A decode step routes the batch of single tokens as one group; with a low eval capacity
+    factor and 8 identical sequences (all on the same experts) a capacity-limited step would drop
+    some of them. Decoding gives every token a slot, so each row equals the sequence alone."""
+    cfg = sizes.sparse_t5(
+        "tiny", tiny_moe("hypermoe", eval_capacity_factor=0.5, train_capacity_factor=0.5),
+        sparse_step=1, vocab_size=VOCAB, emb_dim=16, mlp_dim=32, num_heads=2, head_dim=8,
+        dropout_rate=0.0, num_encoder_layers=2, num_decoder_layers=2, tied_embeddings=True)
+    module = arch.EncoderDecoder(cfg)
+    enc = np.random.default_rng(3).integers(2, VOCAB, (1, 6)).astype(np.int32)
+
+    def batch_of(n):
+        return {"encoder_input_tokens": jnp.asarray(np.repeat(enc, n, axis=0)),
+                "decoder_input_tokens": jnp.zeros((n, 7), jnp.int32),
+                "decoder_target_tokens": jnp.zeros((n, 7), jnp.int32)}
+
+    one = batch_of(1)
+    variables = _random_params(module, one["encoder_input_tokens"],
+                               one["decoder_input_tokens"], one["decoder_target_tokens"], seed=6)
+    model = models.EncoderDecoderModel(module, decode_fn=decoding.temperature_sample,
+                                       default_decoder_params={"temperature": 0.0})
+    predict = jax.jit(lambda v, b: model.predict_batch_with_aux(v, b))
+    alone, aux_alone = predict(variables, one)
+    batched, aux_batched = predict(variables, batch_of(8))
+    np.testing.assert_array_equal(np.asarray(batched), np.repeat(np.asarray(alone), 8, axis=0))
+    np.testing.assert_allclose(aux_batched["scores"], np.repeat(aux_alone["scores"], 8),
+                               rtol=1e-5, atol=1e-5)

@@ -214,3 +214,26 @@ def test_quickstart_experiment_trains_on_the_offline_wiki_text():
     assert isinstance(model, models.DecoderOnlyModel)
     counts = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(_build(model)["params"]))
     assert 1e6 < counts < 1e7
+
+
+def test_gin_files_resolve_from_a_directory_with_runs_and_models(tmp_path, monkeypatch):
+    """The quickstart leaves ``runs/`` in the working directory (importable there as a namespace
+    package); every experiment's includes still resolve to gin/."""
+    import sys
+
+    for d in ("runs/quickstart", "models/architectures", "experiments"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "runs/pretrain.gin").write_text("not gin\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+    try:
+        for experiment_gin in EXPERIMENT_GINS:
+            gin.clear_config()
+            files = gin_utils.parse([experiment_gin], [*RUN_MACROS[:1], *RUN_MACROS[5:]],
+                                    finalize=False)
+            assert all(GIN_DIR in f.parents for f in files), (experiment_gin, files)
+    finally:
+        for name in set(sys.modules) - before:
+            if name.split(".")[0] in ("runs", "models", "experiments"):
+                del sys.modules[name]

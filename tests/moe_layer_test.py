@@ -25,7 +25,7 @@ from hypermoe_jax.layers.dispatch import DispatchConfig
 from hypermoe_jax.layers.experts import ExpertsConfig
 from hypermoe_jax.layers.routers import RouterConfig
 
-MESH_SHAPES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
+MESH_SHAPES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 RTOL = ATOL = 1e-5
 
 # Shapes of the equivalence tests: 8 groups of 16 tokens (divides over 8 devices), 8 experts.
@@ -400,6 +400,89 @@ def test_padding_is_not_dispatched_and_output_zero():
     np.testing.assert_allclose(np.asarray(y2)[~pad], np.asarray(y)[~pad], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(aux2.load_balance_loss, aux.load_balance_loss, rtol=1e-6)
     np.testing.assert_allclose(aux2.z_loss, aux.z_loss, rtol=1e-6)
+
+
+def _collective_operands(fn, *args):
+    """Shapes of the first operand of every all_to_all / all_gather / psum_scatter / psum in the
+    jaxpr of ``fn`` (inside shard_map bodies too)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("all_to_all", "all_gather", "reduce_scatter", "psum",
+                                      "psum_invariant"):
+                found.append((eqn.primitive.name, tuple(eqn.invars[0].aval.shape)))
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_model_axis_does_not_repeat_the_all_to_all(shape):
+    """With a model axis the groups are split over it too: each device sends only its own groups
+    over `expert` (none repeats another model shard's exchange), gathers them over `model` for
+    its slice of f, and reduce-scatters the partial outputs back."""
+    params = init_params(TOP1)
+    x, _, _ = make_inputs()
+    mesh = part.make_mesh(*shape)
+    layer = make_layer(TOP1, mesh)
+    with part.axis_rules(mesh):
+        ops = _collective_operands(lambda p, x: layer.apply({"params": p}, x)[0], params, x)
+    groups_per_device = (BATCH * LENGTH // GROUP) // 8  # every mesh axis splits the groups
+    capacity = max(1, round(LOW_CF * GROUP / NUM_EXPERTS))
+    # Each all_to_all (there and back) moves this device's own groups: E * G_l * C * d values,
+    # G_l = G / (data * expert * model) (replicated over model it would be model times more).
+    exchanged = [math.prod(s) for name, s in ops if name == "all_to_all"]
+    assert len(exchanged) == 2, ops
+    assert exchanged == [NUM_EXPERTS * groups_per_device * capacity * D_MODEL] * 2, ops
+    assert ("all_gather", (NUM_EXPERTS // shape[1], shape[1] * groups_per_device, capacity,
+                           D_MODEL)) in ops
+    names = {name for name, _ in ops}
+    assert "reduce_scatter" in names and not names & {"psum", "psum_invariant"}, ops
+
+
+def test_groups_that_do_not_divide_over_model_fall_back_to_replicated():
+    """4 groups on a (1, 4, 2) mesh: split over expert only, replicated over model (psum)."""
+    params = init_params(TOP1)
+    x, mask, _ = make_inputs()
+    mesh = part.make_mesh(1, 4, 2)
+    layer = make_layer(TOP1, mesh, group_size=LENGTH)  # 4 groups of 32
+    with part.axis_rules():
+        y1, _ = apply(make_layer(TOP1, group_size=LENGTH), params, x, padding_mask=mask)
+    with part.axis_rules(mesh):
+        y, _ = apply(layer, params, x, padding_mask=mask)
+        ops = _collective_operands(lambda p, x: layer.apply({"params": p}, x)[0], params, x)
+    assert_trees_close(y, y1)
+    names = {name for name, _ in ops}
+    assert names & {"psum", "psum_invariant"} and "reduce_scatter" not in names, ops
+
+
+def test_static_active_k_routes_with_k_experts():
+    """A Python-int k sizes top-k and capacity for k (evaluating at k costs what k costs) and
+    equals a layer built for k, from the same parameters."""
+    cfg = dict(num_selected=4, activation="relu", gate_normalization="softmax_topk")
+    layer = make_layer(cfg, eval_capacity_factor=1.0)
+    params = init_params(cfg)
+    x, mask, _ = make_inputs()
+    for k in (1, 2, 4):
+        y, aux = apply(layer, params, x, padding_mask=mask, active_k=k)
+        ref = make_layer(dict(cfg, num_selected=k), eval_capacity_factor=1.0)
+        y_ref, aux_ref = apply(ref, params, x, padding_mask=mask)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+        assert aux.expert_index.shape[-1] == k
+        np.testing.assert_array_equal(aux.kept, aux_ref.kept)
+        # The experts run on k * S / E slots per group, not on num_selected's.
+        capacity = max(1, round(1.0 * k * GROUP / NUM_EXPERTS))
+        jaxpr = jax.make_jaxpr(lambda p, x, k=k: layer.apply({"params": p}, x, active_k=k))(
+            params, x)
+        shapes = {tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars}
+        assert (NUM_EXPERTS, BATCH * LENGTH // GROUP, capacity, HIDDEN) in shapes, k
 
 
 def test_traced_active_k_does_not_recompile():

@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import seqio
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from helpers import PROSE, write_offline_cache
 from jax.experimental.compilation_cache import compilation_cache
@@ -35,7 +36,9 @@ from jax.experimental.compilation_cache import compilation_cache
 from hypermoe_jax.data import cache as cache_lib
 from hypermoe_jax.data import vocab as vocab_lib
 from hypermoe_jax.training import checkpoints as ckpt_lib
-from hypermoe_jax.training import cli, errors, gin_utils, train
+from hypermoe_jax.training import cli, errors, evaluate, gin_utils, progress, train
+from hypermoe_jax.training import state as state_lib
+from hypermoe_jax.training.datasets import DatasetConfig
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8  # the shared pretraining run
@@ -48,10 +51,6 @@ LM_MACROS = {
     "EVAL_STEPS": "2",
     "CHECKPOINT_PERIOD": "4",
 }
-# HyperMoE's generator sizes, scaled to d 32 (passed to hypermoe_* models only).
-HYPER_OPTIONS = ("{'placement': 'dense', 'bottleneck_dim': 8, 'expert_embed_dim': 16, "
-                 "'selection_hidden_dim': 16, 'selection_dim': 16, 'layer_embed_dim': 4, "
-                 "'hyper_hidden_dim': 16}")
 LR = "0.01"  # pretraining's rsqrt schedule is 0.01 before its 10k warmup steps
 # A checkpoint of the initialisation (saved at step 0; no train step is compiled).
 STOP_AT_0 = ["--gin.hypermoe_jax.training.train.train.stop_after_steps=0"]
@@ -152,8 +151,6 @@ def lm_args(env, model_dir, *, model="hypermoe_lm_tiny", run="pretrain", steps=S
     if run == "pretrain":
         files.append(str(env.gin / "constant_lr.gin"))
     base = dict(LM_MACROS)
-    if model.startswith("hypermoe"):
-        base["HYPER_OPTIONS"] = HYPER_OPTIONS
     if run in ("pretrain", "finetune"):
         base.update(MODEL_DIR=str(model_dir), TRAIN_STEPS=str(steps))
     if run == "finetune":
@@ -716,3 +713,220 @@ def test_main_initializes_distributed_before_parsing(monkeypatch, capsys):
     monkeypatch.setenv("SLURM_NTASKS", "2")
     assert run_main(["--gin_file=x.gin"]) == 0
     assert order == ["init", "parse", "run"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress lines (time-based, with rate and ETA; process 0 only)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_progress_line_rate_eta_and_process_0_only(monkeypatch, capsys):
+    now = [100.0]
+    lines = []
+    p = progress.Progress("eval", unit="batch", total=5, say=lines.append,
+                          clock=lambda: now[0], interval_s=30.0)
+    now[0] += 10.0  # the first batch (compilation) is not counted in the rate
+    p.update(tokens=64)
+    now[0] += 15.0
+    p.update(tokens=64)
+    now[0] += 5.0
+    p.update(tokens=64)  # 30 s since the start: a line
+    assert lines == ["eval: batch 3/5  0.10 batches/s  6 tok/s  elapsed 30s  ETA 20s"]
+    now[0] += 5.0
+    p.update(tokens=64)  # 5 s since the last line: none
+    assert len(lines) == 1
+    p.done()
+    assert lines[-1] == "eval: 4 batches in 35s (0.11 batches/s, 7 tok/s)"
+
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    say = progress.process0_print()
+    quiet = progress.Progress("eval", unit="batch", say=say, interval_s=0.0)
+    quiet.update(tokens=1)
+    quiet.done()
+    say("nothing")
+    assert capsys.readouterr().out == ""
+
+
+def test_training_and_eval_print_progress(env, tmp_path, monkeypatch, capsys):
+    """With lines due every step: time-based lines between the LOG_EVERY lines (which keep
+    their format and add the step rate and ETA), and a line per eval batch."""
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    summary = run_summary(lm_args(env, tmp_path, steps=4, LOG_EVERY="2", EVAL_PERIOD="4",
+                                  CHECKPOINT_PERIOD="100"))
+    assert summary["status"] == "done"
+    out = capsys.readouterr().out
+    num = r"[\d.]+"
+    for step in (1, 3):
+        assert re.search(rf"^train: step {step}/4  {num} steps/s  \d+ tok/s  elapsed \S+  "
+                         r"ETA \S+$", out, re.M), out
+    assert re.search(rf"^step 2/4  loss {num}  .*  lr \S+  \d+ tok/s  {num} steps/s  ETA \S+$",
+                     out, re.M), out
+    assert re.search(rf"^step 4/4  loss {num}  .*  \d+ tok/s  {num} steps/s$", out, re.M), out
+    assert re.search(rf"^eval @ step 4: batch 1/2  {num} batches/s  \d+ tok/s  elapsed \S+  "
+                     r"ETA \S+$", out, re.M), out
+    assert re.search(r"^eval @ step 4: 2 batches in \S+ \(", out, re.M), out
+    assert re.search(r"^eval @ step 4: .*loss ", out, re.M), out  # the result line, as before
+
+
+# ---------------------------------------------------------------------------------------------
+# A failed run leaves no empty directories behind
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_failed_run_removes_the_empty_directories_it_created(pretrained, env, tmp_path,
+                                                               capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    shutil.copytree(env.cache, cache)
+    monkeypatch.setenv(cache_lib.CACHE_ENV, str(cache))
+    (cache / "wiki" / "char" / "train.raw").write_bytes(b"")
+    (cache / "wiki" / "char" / "validation.raw").write_bytes(b"x" * 100)
+
+    _error(lm_args(env, tmp_path / "new" / "deeper" / "run"), capsys)
+    assert not (tmp_path / "new").exists()
+    existing, empty = tmp_path / "existing", tmp_path / "empty"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    empty.mkdir()
+    for model_dir in (existing, empty):
+        _error(lm_args(env, model_dir), capsys)
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+    assert empty.is_dir() and not list(empty.iterdir())
+    for run, macro in (("eval", "EVAL_OUTPUT_DIR"), ("infer", "INFER_OUTPUT_DIR")):
+        _error(lm_args(env, None, run=run, CHECKPOINT_PATH=str(pretrained.ckpt),
+                       **{macro: str(tmp_path / run / "out")}), capsys)
+        assert not (tmp_path / run).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The train loop does not wait for each step's loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_loop_reads_each_loss_after_dispatching_the_next_step(pretrained, env, tmp_path,
+                                                                   monkeypatch):
+    """Records when each step is dispatched and when its loss is first read to the host (any
+    read -- ``float``, ``np.asarray``, ``jax.device_get`` -- goes through the array's
+    ``_value``): a loss read before the next step is dispatched stalls the device."""
+    events, step_of, keep = [], {}, []
+    real_jit = jax.jit
+
+    def jit(fn, *args, **kwargs):
+        compiled = real_jit(fn, *args, **kwargs)
+        if getattr(fn, "__name__", "") != "train_step":
+            return compiled
+
+        def step(state, batch):
+            n = len(keep) + 1
+            events.append(("dispatch", n))
+            state, metrics = compiled(state, batch)
+            step_of[id(metrics["loss"])] = n
+            keep.append(metrics["loss"])
+            return state, metrics
+
+        return step
+
+    array_type = type(jax.numpy.zeros(()))
+    value = array_type._value
+
+    def read(self):
+        if id(self) in step_of and ("read", step_of[id(self)]) not in events:
+            events.append(("read", step_of[id(self)]))
+        return value.fget(self)
+
+    monkeypatch.setattr(jax, "jit", jit)
+    monkeypatch.setattr(array_type, "_value", property(read))
+    summary = run_summary(lm_args(env, tmp_path, extra=NO_EVAL, LOG_EVERY=str(STEPS),
+                                  CHECKPOINT_PERIOD="100"))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(summary["losses"], pretrained.summary["losses"])
+    assert len(keep) == STEPS
+    for n in range(1, STEPS):  # (step STEPS is a log step: its loss is read at once)
+        assert events.index(("read", n)) > events.index(("dispatch", n + 1)), (n, events)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: this host's shard, unpacked
+# ---------------------------------------------------------------------------------------------
+
+SHARD_TEXTS = [f"line {i:02d} " + "ab" * (i % 4) for i in range(20)]
+
+
+def _register_lines_task() -> str:
+    """A task of 20 short numbered lines (bytes; 8-16 of them, so packing puts 2-3 in a row of
+    32) whose targets say which example they are."""
+    from tasks import common
+    from tasks import preprocessors as pp
+
+    name = "train_test_numbered_lines"
+    common.add_task(
+        name,
+        source=seqio.FunctionDataSource(
+            lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
+                {"text": SHARD_TEXTS}),
+            splits=["validation"]),
+        preprocessors=[pp.text_to_targets, seqio.preprocessors.tokenize],
+        output_features=common.lm_features(common.BYTE_VOCAB),
+        metric_fns=[])
+    return name
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_infer_decodes_this_hosts_shard_unpacked(pretrained, env, tmp_path, monkeypatch,
+                                                 capsys, pack):
+    """Host 1 of 2 (BATCH_SIZE 16: 8 examples per host) decodes the examples of its shard
+    (seqio deals examples round-robin: 1, 3, 5, ...), with their own targets; packed data is
+    decoded unpacked, one example per row."""
+    monkeypatch.setattr(evaluate, "host_shard", lambda: (1, 2))
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    out = tmp_path / "infer"
+    rc = run_main(lm_args(env, None, run="infer", CHECKPOINT_PATH=str(pretrained.ckpt),
+                          INFER_OUTPUT_DIR=str(out), MIXTURE_OR_TASK_NAME=_register_lines_task(),
+                          BATCH_SIZE="16",
+                          extra=[f"--gin.infer/hypermoe_jax.training.datasets.DatasetConfig.pack"
+                                 f"={pack}"]))
+    assert rc == 0
+    preds = read_jsonl(out / "predictions_train_test_numbered_lines_validation.jsonl")
+    assert [p["target"] for p in preds] == SHARD_TEXTS[1::2][:8]
+    assert re.search(r"^infer: batch 1(/1)?  [\d.]+ batches/s  \d+ tok/s",
+                     capsys.readouterr().out, re.M)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any-k evaluation: k is static, one compiled eval step per k
+# ---------------------------------------------------------------------------------------------
+
+
+class _KModel:
+    """A stand-in model whose eval loss is k times the mean target token: records the
+    ``active_k`` each trace of ``eval_fn`` sees."""
+
+    FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
+
+    def __init__(self):
+        self.traced = []
+
+    def eval_fn(self, params, batch, *, flax_mutables=None, active_k=None):
+        self.traced.append(active_k)
+        k = 4 if active_k is None else active_k
+        loss = params * k * jax.numpy.mean(batch["decoder_target_tokens"].astype("float32"))
+        return loss, {"loss": loss, "moe/active_k": jax.numpy.asarray(k, "float32")}
+
+
+def test_any_k_eval_compiles_one_step_per_static_k(env, monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    model = _KModel()
+    cfg = DatasetConfig("wiki_char_lm", {"targets": 32}, split="validation", batch_size=8,
+                        shuffle=False)
+    mesh = state_lib.make_mesh((-1, 1, 1), model)
+    st = types.SimpleNamespace(params=jax.numpy.ones(()), flax_mutables={})
+    lines = []
+    base = evaluate.evaluate_loss(model, st, cfg, mesh, 2, say=lines.append)
+    sweep = evaluate.any_k_sweep(model, st, cfg, mesh, 2, (1, 2, 4), say=lines.append)
+    again = evaluate.any_k_sweep(model, st, cfg, mesh, 2, (2, 1), say=lines.append)
+    assert model.traced == [None, 1, 2, 4]  # Python ints, each compiled once
+    for k in ("1", "2", "4"):
+        assert sweep[k]["moe/active_k"] == int(k)
+        np.testing.assert_allclose(sweep[k]["loss"], base["loss"] * int(k) / 4, rtol=1e-6)
+    assert again == {k: sweep[k] for k in ("2", "1")}
+    assert [ln for ln in lines if re.match(r"  k=1 +loss [\d.]+  \(\S+\)$", ln)], lines
+    assert [ln for ln in lines if re.match(r"eval k=2: batch 1/2  [\d.]+ batches/s", ln)], lines

@@ -365,7 +365,7 @@ def single_device_result():
     return x, abstract, variables, cot, (loss, outs, grads)
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (1, 8, 1)])
+@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)])
 def test_every_variant_on_a_mesh_equals_one_device(mesh_shape):
     x, abstract, variables, cot, (loss, outs, grads) = single_device_result()
     mesh = part.make_mesh(*mesh_shape)

@@ -90,16 +90,18 @@ def context_mesh() -> Any:
 def block_moe_config(moe: MoeConfig, *, encoder: bool, decode_step: bool, batch: int,
                      mesh: Any) -> MoeConfig:
     """The stack's ``MoeConfig`` as one block uses it: batch prioritized routing only in encoders
-    (it looks at the whole group); in a decode step (one token per sequence) a group is the batch
-    of single tokens, one per token shard of the mesh."""
+    (it looks at the whole group). In a decode step (one token per sequence) a group is the batch
+    of single tokens, one per token shard of the mesh, and every expert has a slot for every token
+    of the group: decoding drops no token, so a sequence decodes the same alone or in any batch."""
     if moe.router.batch_prioritized and not encoder:
         moe = dataclasses.replace(moe, router=dataclasses.replace(moe.router,
                                                                   batch_prioritized=False))
     if decode_step:
         shards = part.mesh_axis_size(mesh, part.TOKEN_SHARDS)
         group_size = batch // shards if batch % shards == 0 else batch
-        moe = dataclasses.replace(moe, dispatch=dataclasses.replace(moe.dispatch,
-                                                                    group_size=group_size))
+        dispatch = dataclasses.replace(moe.dispatch, group_size=group_size,
+                                       min_capacity=max(moe.dispatch.min_capacity, group_size))
+        moe = dataclasses.replace(moe, dispatch=dispatch)
     return moe
 
 

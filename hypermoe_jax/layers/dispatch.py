@@ -224,16 +224,31 @@ def _from_experts(a: Array, expert_axis: str | None) -> Array:
 
 
 def _expert_shard(x, plan: Dispatch, weights, adapters, dropout_rng, *, activation, dtype,
-                  dropout_rate, expert_axis=None, model_axis=None, rng_axes=()):
-    """Dispatch -> experts -> combine on one shard (or the whole batch without a mesh)."""
+                  dropout_rate, expert_axis=None, model_axis=None, model_split=False,
+                  rng_axes=()):
+    """Dispatch -> experts -> combine on one shard (or the whole batch without a mesh).
+
+    With ``model_split`` the token groups arrive split over ``model`` too, so each device sends
+    only its own groups through the ``all_to_all`` over ``expert``; an ``all_gather`` over
+    ``model`` then gives every model shard all the groups for its slice ``f_l`` of the expert
+    hidden dim, and a reduce-scatter (``psum_scatter``) over ``model`` sums the partial outputs
+    straight back into each device's own groups. Otherwise the groups are replicated over
+    ``model`` and every model shard exchanges all of them.
+    """
     x_e = _to_experts(plan.dispatch(x.astype(dtype)), expert_axis)  # [E_l, G, C, d]
+    x_all = x_e
+    if model_split:
+        # [E_l, G, C, d] -> [E_l, n_model * G, C, d]: the groups of every model shard.
+        x_all = jax.lax.all_gather(x_e, model_axis, axis=1, tiled=True)
     if dropout_rng is not None:
         for axis in rng_axes:
             dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis))
-    y_e = experts.expert_mlp(weights, x_e, activation=activation, dtype=dtype,
+    y_e = experts.expert_mlp(weights, x_all, activation=activation, dtype=dtype,
                              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-    if model_axis is not None:
-        # The expert hidden dim f is split over `model`: sum the partial outputs.
+    if model_split:
+        # f is split over `model`: sum the partial outputs, each model shard keeping its groups.
+        y_e = jax.lax.psum_scatter(y_e, model_axis, scatter_dimension=1, tiled=True)
+    elif model_axis is not None:
         y_e = jax.lax.psum(y_e, model_axis)
     if adapters is None:
         return plan.combine(_from_experts(y_e, expert_axis))
@@ -265,7 +280,9 @@ def run_experts(
       x: <[G, S, d]> grouped tokens.
       plan: the dispatch plan (``make_dispatch``).
       weights: the expert weights (``experts.MlpExperts``), ``[E, d, f]`` / ``[E, f, d]``.
-      mesh: a (data, expert, model) mesh: run expert-parallel inside ``jax.shard_map``.
+      mesh: a (data, expert, model) mesh: run expert-parallel inside ``jax.shard_map``. The
+        groups are split over data x expert, and over model too when G divides (then no model
+        shard repeats another's ``all_to_all``; see ``_expert_shard``).
       adapters: optional fused companion adapters (``experts.ADAPTER_KEYS``, leading dim E),
         applied ungated to the tokens each expert keeps.
       dropout_rate / dropout_rng: dropout on the experts' hidden activations.
@@ -274,18 +291,20 @@ def run_experts(
                            dropout_rate=dropout_rate if dropout_rng is not None else 0.0)
     if mesh is None:
         return fn(x, plan, weights, adapters, dropout_rng)
-    tokens = PartitionSpec(part.TOKEN_SHARDS)
+    n_model = mesh.shape[part.MODEL]
+    # (Always when model is 1: G divides over data x expert, see DispatchConfig.groups.)
+    model_split = x.shape[0] % part.mesh_axis_size(mesh, part.MESH_AXES) == 0
+    tokens = PartitionSpec(part.MESH_AXES if model_split else part.TOKEN_SHARDS)
     w_specs = {n: part.logical_to_mesh_spec(axes)
                for n, axes in experts.expert_weight_specs(weights).items()}
     a_specs = None if adapters is None else {n: PartitionSpec(part.EXPERT) for n in adapters}
-    model_axis = part.MODEL if mesh.shape[part.MODEL] > 1 else None
     sharded = jax.shard_map(
-        functools.partial(fn, expert_axis=part.EXPERT, model_axis=model_axis,
-                          rng_axes=part.MESH_AXES),
+        functools.partial(fn, expert_axis=part.EXPERT,
+                          model_axis=part.MODEL if model_split or n_model > 1 else None,
+                          model_split=model_split, rng_axes=part.MESH_AXES),
         mesh=mesh,
         in_specs=(tokens, jax.tree.map(lambda _: tokens, plan), w_specs, a_specs,
                   None if dropout_rng is None else PartitionSpec()),
         out_specs=tokens,
-        check_vma=False,
     )
     return sharded(x, plan, weights, adapters, dropout_rng)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import struct
 from jax.sharding import Mesh
@@ -44,6 +45,14 @@ class MoeAux:
     metrics: dict[str, Array]
     expert_index: Array
     kept: Array
+
+
+def static_k(active_k, num_selected: int) -> int:
+    """Experts per token the routing is sized for: a static ``active_k`` (clipped to
+    [1, num_selected]), else ``num_selected``."""
+    if isinstance(active_k, int | np.integer):
+        return int(min(max(int(active_k), 1), num_selected))
+    return num_selected
 
 
 class MoeLayer(nn.Module):
@@ -94,7 +103,10 @@ class MoeLayer(nn.Module):
           x: <[B, L, d]> token features.
           deterministic: eval mode (no jitter, no dropout, eval capacity factor).
           padding_mask: optional <[B, L]>, nonzero for real tokens (never dispatched).
-          active_k: optional traced number of experts per token (<= num_selected).
+          active_k: optional number of experts per token (<= num_selected). A Python int routes
+            with that many experts (top-k and capacity sized for it: evaluating at k costs what
+            k costs; one compilation per k); a traced value masks ranks >= k of the top
+            ``num_selected`` (SMoE-Dropout's growing k in training; one compilation for all k).
           adapters: optional fused companion adapters (``experts.ADAPTER_KEYS``, leading dim E),
             applied ungated to the tokens each expert keeps; top-1 only.
 
@@ -103,7 +115,9 @@ class MoeLayer(nn.Module):
         """
         self._check()
         ecfg, rcfg, dcfg = self.experts, self.router, self.dispatch
-        num_experts, num_selected = ecfg.num_experts, rcfg.num_selected
+        num_experts, num_selected = ecfg.num_experts, static_k(active_k, rcfg.num_selected)
+        if isinstance(active_k, int | np.integer):
+            active_k = None  # a static k sizes the routing itself (top-k and capacity)
         if adapters is not None and num_selected != 1:
             raise ValueError("Fused adapters are defined for top-1 routing only (num_selected=1).")
         batch, seq_len, d_model = x.shape

@@ -215,7 +215,8 @@ class SparseMlp(nn.Module):
           x: <[B, L, d]>.
           deterministic: eval mode.
           padding_mask: optional <[B, L]>, nonzero for real tokens; padding gets 0 from the layer.
-          active_k: optional traced number of experts per token (SMoE-Dropout / any-k eval).
+          active_k: optional number of experts per token (SMoE-Dropout / any-k eval; a Python
+            int sizes the routing for k, a traced value masks ranks; see ``MoeLayer``).
           hyper_inputs: this layer's slice of ``HyperExpertGenerator()`` (HyperExperts only).
 
         Returns:
@@ -238,6 +239,12 @@ class SparseMlp(nn.Module):
         )(x, deterministic=deterministic, padding_mask=padding_mask, active_k=active_k,
           adapters=adapters)
         if hcfg is not None and not fused:
+            if "w_down" in hyper_inputs and aux.expert_index.shape[-1] != cfg.num_selected:
+                raise ValueError(
+                    f"The HyperExperts were generated per set of num_selected="
+                    f"{cfg.num_selected} experts; evaluating with active_k="
+                    f"{aux.expert_index.shape[-1]} needs the per-token form "
+                    "(HyperExpertsConfig(max_sets=0)).")
             # The MoE output and the padding mask go into the grouped matmul, where they fuse with
             # its last permutation (no extra pass over [T, d]).
             y = self._dense_hyper_experts(x, y, aux.expert_index, hyper_inputs, active_k,
@@ -269,12 +276,17 @@ class SparseMlp(nn.Module):
             # The per-token form is token-local: sharding propagation handles it on a mesh.
             out = fn(hyper_inputs, xt, idx, active_k=active_k, residual=yt, token_mask=mask)
         else:
-            # The sort runs per token shard (each device sorts its own tokens), adapters replicated.
+            # The sort runs per token shard (each device sorts its own tokens), adapters
+            # replicated; tokens are split over every mesh axis they divide over, so no device
+            # repeats another's work.
             if active_k is not None and self.config.num_selected > 1:
                 raise ValueError(
                     "Per-set HyperExperts assume all K choices are active; for a traced active_k "
                     "use the per-token form (HyperExpertsConfig(max_sets=0)).")
-            tokens = PartitionSpec(part.TOKEN_SHARDS)
+            axes = part.MESH_AXES
+            if (batch * seq_len) % part.mesh_axis_size(self.mesh, axes):
+                axes = part.TOKEN_SHARDS
+            tokens = PartitionSpec(axes)
             specs = jax.tree.map(lambda _: PartitionSpec(), hyper_inputs)
             if mask is None:
                 mask = jnp.ones((batch * seq_len,), bool)
@@ -283,7 +295,6 @@ class SparseMlp(nn.Module):
                 mesh=self.mesh,
                 in_specs=(specs, tokens, tokens, tokens, tokens),
                 out_specs=tokens,
-                check_vma=False,
             )(hyper_inputs, xt, idx, yt, mask)
         return out.reshape(batch, seq_len, d_model)
 

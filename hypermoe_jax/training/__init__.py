@@ -5,7 +5,9 @@ the gin files (``gin_utils``), and the run gin (gin/runs/*.gin) binds ``cli.run.
 ``train.train``, ``evaluate.evaluate`` or ``evaluate.infer``, which ``cli.run`` calls.
 
 * ``cli``: ``main`` (arguments, multi-host start-up, errors as one line) and ``run``.
-* ``train``: the train step and the training loop (resume, preemption, periodic evals).
+* ``train``: the train step and ``train`` (set-up, resume, final evals); ``loop``: the step loop
+  (logging, periodic evals and checkpoints, preemption, non-finite losses); ``progress``: periodic
+  progress lines with rate and ETA; ``outputs``: output directories a failed run removes.
 * ``evaluate``: loss metrics, decoded predictions with seqio metrics; ``evaluate`` / ``infer``.
 * ``datasets``: ``DatasetConfig`` and the seqio pipeline; ``state``: ``TrainState``, the mesh,
   sharded initialisation; ``checkpoints``: orbax save / restore; ``optimizers``: T5's optimizers

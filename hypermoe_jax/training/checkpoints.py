@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from hypermoe_jax.training.errors import CheckpointMismatchError
+from hypermoe_jax.training.errors import CheckpointMismatchError, RunError
 from hypermoe_jax.training.state import TrainState
 
 
@@ -30,6 +30,20 @@ def _absl_level(level: int):
         yield
     finally:
         logger.setLevel(old)
+
+
+def _sync_processes(name: str) -> None:
+    """A barrier of all processes (nothing on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _reason(error: Exception) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _shapes_by_path(tree) -> dict[str, tuple | None]:
@@ -91,14 +105,20 @@ class Checkpointer:
 
     def set_aside(self, step: int) -> Path:
         """Moves checkpoint ``step`` out of the managed directory (to ``<directory>_set_aside/
-        <step>``, kept, never deleted), so that the latest checkpoint is the one before it."""
+        <step>``, kept, never deleted), so that the latest checkpoint is the one before it.
+        Process 0 moves it; every process returns where it went."""
         self.manager.wait_until_finished()
         dest_root = self.directory.parent / f"{self.directory.name}_set_aside"
-        dest_root.mkdir(parents=True, exist_ok=True)
-        dest = dest_root / str(step)
-        if dest.exists():
-            dest = dest_root / f"{step}.{int(time.time())}"
-        os.replace(self.directory / str(step), dest)
+        _sync_processes(f"set_aside_{step}_look")
+        dest, n = dest_root / str(step), 0
+        while dest.exists():
+            n += 1
+            dest = dest_root / f"{step}.{n}"
+        _sync_processes(f"set_aside_{step}_name")
+        if jax.process_index() == 0:
+            dest_root.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / str(step), dest)
+        _sync_processes(f"set_aside_{step}_moved")
         self.manager.reload()
         return dest
 
@@ -116,9 +136,44 @@ class Checkpointer:
             )
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointMismatchError(
-                f"Checkpoint {self.directory}/{step} does not match the model: {e}"
+                f"Checkpoint {self.directory}/{step} does not match the model: {e}\n(If the "
+                f"model is the one it was saved from, the checkpoint may be damaged: move it out "
+                f"of {self.directory} to resume from the one before it.)"
             ) from e
         return restored.state, restored.meta
+
+    def restore_latest(self, abstract_state: TrainState, warn: Callable[[str], None]
+                       ) -> tuple[TrainState, dict[str, Any]] | None:
+        """``(state, meta)`` of the latest checkpoint that restores; None when there is none.
+
+        A checkpoint that fails to restore while an earlier one of the same run restores is
+        damaged (a truncated or missing file; a model that does not fit would fail on both): it
+        is set aside (``set_aside``: kept), with one line to ``warn`` naming it, and the run
+        resumes from the earlier one. When none restores, nothing is moved and the latest
+        one's error is raised (a ``RunError`` saying what to do, unless it is a
+        ``CheckpointMismatchError``).
+        """
+        failed: list[tuple[int, Exception]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, meta = self.restore(abstract_state, step)
+            except Exception as e:  # any failure: whether an earlier one restores decides
+                failed.append((step, e))
+                continue
+            for bad, error in failed:
+                moved = self.set_aside(bad)
+                warn(f"Checkpoint {self.directory}/{bad} cannot be restored ({_reason(error)}); "
+                     f"moved it to {moved} and resuming from step {step}.")
+            return state, meta
+        if not failed:
+            return None
+        step, error = failed[0]
+        if isinstance(error, CheckpointMismatchError):
+            raise error
+        raise RunError(
+            f"Checkpoint {self.directory}/{step} cannot be restored ({_reason(error)}). If it is "
+            f"damaged, move it out of {self.directory}: the run then resumes from the one before "
+            "it (or starts afresh).") from error
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -1,5 +1,6 @@
 """The data of a run: which seqio task or mixture to read (``DatasetConfig``, bound in the run
-gins) and its batched, feature-converted ``tf.data`` pipeline, sharded over hosts.
+gins) and its batched, feature-converted ``tf.data`` pipeline, sharded over hosts
+(``host_shard``); for decoding, unpacked batches with the examples they hold (``infer_batches``).
 
 Tasks are registered by importing the ``tasks`` package (and ``DatasetConfig.module``, if set).
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import gin
 import numpy as np
@@ -57,6 +58,38 @@ def get_task(name: str, module: str | None = None):
         ) from None
 
 
+def host_shard() -> tuple[int, int]:
+    """``(shard_id, num_shards)`` of the data this process reads: its index and the number of
+    processes (each host reads its own part of every global batch)."""
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def _task_dataset(cfg: DatasetConfig, *, shuffle: bool, shard_id: int, num_shards: int,
+                  num_epochs: int | None):
+    """The task's preprocessed examples (before the feature converter), this shard's."""
+    import seqio
+
+    task = get_task(cfg.mixture_or_task_name, cfg.module)
+    if cfg.batch_size % num_shards:
+        raise RunError(f"batch_size {cfg.batch_size} is not divisible by {num_shards} hosts.")
+    try:
+        return task.get_dataset(
+            sequence_length=dict(cfg.task_feature_lengths),
+            split=cfg.split,
+            use_cached=cfg.use_cached,
+            shuffle=shuffle,
+            seed=cfg.seed,
+            num_epochs=num_epochs,
+            shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
+        )
+    except ValueError as e:  # e.g. an empty or unknown split
+        raise RunError(
+            f"Cannot read dataset {cfg.mixture_or_task_name!r} split {cfg.split!r}: {e}"
+        ) from e
+
+
 def get_dataset(
     cfg: DatasetConfig,
     feature_converter_cls,
@@ -67,31 +100,39 @@ def get_dataset(
     skip_batches: int = 0,
 ):
     """A batched, converted ``tf.data.Dataset`` of numpy-able dicts (per host)."""
-    import seqio
-
-    task = get_task(cfg.mixture_or_task_name, cfg.module)
-    if cfg.batch_size % num_shards:
-        raise RunError(f"batch_size {cfg.batch_size} is not divisible by {num_shards} hosts.")
-    try:
-        ds = task.get_dataset(
-            sequence_length=dict(cfg.task_feature_lengths),
-            split=cfg.split,
-            use_cached=cfg.use_cached,
-            shuffle=cfg.shuffle,
-            seed=cfg.seed,
-            num_epochs=num_epochs,
-            shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
-        )
-    except ValueError as e:  # e.g. an empty or unknown split
-        raise RunError(
-            f"Cannot read dataset {cfg.mixture_or_task_name!r} split {cfg.split!r}: {e}"
-        ) from e
+    ds = _task_dataset(cfg, shuffle=cfg.shuffle, shard_id=shard_id, num_shards=num_shards,
+                       num_epochs=num_epochs)
     converter = feature_converter_cls(pack=cfg.pack)
     ds = converter(ds, dict(cfg.task_feature_lengths))
     ds = ds.batch(cfg.batch_size // num_shards, drop_remainder=True)
     if skip_batches:
         ds = ds.skip(skip_batches)
     return ds
+
+
+def infer_batches(cfg: DatasetConfig, feature_converter_cls, *, shard_id: int = 0,
+                  num_shards: int = 1) -> Iterator[tuple[dict[str, np.ndarray], list[dict]]]:
+    """Batches to decode, each with the task's examples in its rows: ``(batch, examples)``.
+
+    One example per row -- unpacked, whatever ``cfg.pack`` says (decoding continues one
+    prompt per row) -- in the split's order (no shuffling), this host's shard, whole batches of
+    ``cfg.batch_size // num_shards`` rows. The converted examples are zipped with the examples
+    they come from (two passes over one unshuffled pipeline), so targets and predictions pair
+    up on any number of hosts.
+    """
+    import tensorflow as tf
+
+    examples = _task_dataset(cfg, shuffle=False, shard_id=shard_id, num_shards=num_shards,
+                             num_epochs=1)
+    converted = feature_converter_cls(pack=False)(examples, dict(cfg.task_feature_lengths))
+    rows_per_host = cfg.batch_size // num_shards
+    rows, sources = [], []
+    for row, ex in tf.data.Dataset.zip((converted, examples)).as_numpy_iterator():
+        rows.append(row)
+        sources.append(ex)
+        if len(rows) == rows_per_host:
+            yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, sources
+            rows, sources = [], []
 
 
 def first_batch(ds, cfg: DatasetConfig):

@@ -63,6 +63,9 @@ def _gin_run(files: Sequence[str], bindings: Sequence[str], macros: Sequence[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = _parse_args(sys.argv[1:] if argv is None else argv)
+    from hypermoe_jax.training import cli
+
+    cli.quiet_tensorflow()
     t0 = time.time()
     try:
         wiki = catalog.fetch("wiki", verbose=True)

@@ -1,5 +1,6 @@
 """What a run reports: metrics to ``metrics.jsonl`` and TensorBoard (``MetricsWriter``), and the
-lines it prints -- training progress, eval results and per-layer expert usage.
+lines it prints -- training progress, eval results and per-layer expert usage. (The time-based
+progress lines of long loops are ``progress``'s.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from hypermoe_jax.training.progress import duration
 
 # Per-layer MoE metrics (``moe/<name>/layer_<i>/...``): shown as expert-usage lines.
 _PER_LAYER = re.compile(r"^moe/[^/]+/layer_\d+/")
@@ -88,8 +91,9 @@ def usage_lines(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def progress_line(step, total, m) -> str:
-    """``step s/total  loss ...  lr ...  tok/s`` and the expert-usage lines below it."""
+def progress_line(step, total, m, eta: float | None = None) -> str:
+    """``step s/total  loss ...  lr ...  tok/s  steps/s  ETA`` and the expert-usage lines below
+    it (``steps/s`` when ``m`` has ``steps_per_second``; ``ETA`` when ``eta`` is given)."""
     parts = [f"step {step}/{total}", f"loss {float(m['loss']):.4f}"]
     for key in ("bits_per_token", "accuracy", "moe/load_balance_loss"):
         for k in m:
@@ -98,6 +102,10 @@ def progress_line(step, total, m) -> str:
                 break
     parts.append(f"lr {m['learning_rate']:.2e}")
     parts.append(f"{m['tokens_per_second']:.0f} tok/s")
+    if "steps_per_second" in m:
+        parts.append(f"{float(m['steps_per_second']):.2f} steps/s")
+    if eta is not None:
+        parts.append(f"ETA {duration(eta)}")
     lines = ["  ".join(parts)]
     lines += usage_lines(m)
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 ``TrainState`` is what a checkpoint holds; ``make_mesh`` builds a run's (data, expert, model)
 mesh from ``MESH_SHAPE``; ``Initializer`` builds the model's variables directly in their
 ``NamedSharding``s (the logical axis rules of ``partitioning``); ``to_global`` turns each host's
-part of a batch into one global array, split over the data and expert axes.
+part of a batch into one global array, split over the data and expert axes, and ``to_local``
+back (this host's rows of a model output).
 """
 
 from __future__ import annotations
@@ -66,10 +67,13 @@ class Initializer:
     def _init(self, rng):
         return self.model.get_initial_variables(rng, self.input_shapes, self.input_types)
 
-    def shardings(self):
+    def boxed_abstract_variables(self):
+        """Shapes of the variables with their logical axis metadata (nothing is allocated)."""
         with part.axis_rules(self.mesh):
-            boxed = jax.eval_shape(self._init, jax.random.PRNGKey(0))
-        return part.params_shardings(self.mesh, boxed)
+            return jax.eval_shape(self._init, jax.random.PRNGKey(0))
+
+    def shardings(self):
+        return part.params_shardings(self.mesh, self.boxed_abstract_variables())
 
     def abstract_variables(self):
         """The variables' shapes, dtypes and shardings (``ShapeDtypeStruct``s); nothing is
@@ -106,3 +110,14 @@ def to_global(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in batch.items()
     }
+
+
+def to_local(x: jax.Array, mesh) -> np.ndarray:
+    """This host's rows of a global array split like a batch (the inverse of ``to_global``)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    x = jax.jit(lambda a: a, out_shardings=batch_sharding(mesh))(x)
+    return np.asarray(multihost_utils.global_array_to_host_local_array(
+        x, mesh, PartitionSpec(part.TOKEN_SHARDS)))
