@@ -4,12 +4,27 @@
 
 import json
 
+import jax
+
 from hypermoe_jax.data import catalog, text
 from hypermoe_jax.layers import variants
 from hypermoe_jax.layers.dispatch import DispatchConfig
 from hypermoe_jax.layers.experts import ExpertsConfig
 from hypermoe_jax.layers.hyper_experts import HyperExpertsConfig
 from hypermoe_jax.layers.routers import RouterConfig
+
+
+def all_eqns(jaxpr):
+    """Every equation of a (closed) jaxpr, those of nested jaxprs included (scan, cond, jit,
+    shard_map, custom_vjp bodies)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+                    yield from all_eqns(sub)
+
 
 # Small HyperExperts (b = d_e = hidden = 8) for tiny test models.
 HYPER_SMALL = HyperExpertsConfig(bottleneck_dim=8, expert_embed_dim=8, selection_hidden_dim=8,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import all_eqns
 
 from hypermoe_jax.layers import grouped, hyper_experts, moe_layer, variants
 from hypermoe_jax.layers.dispatch import DispatchConfig
@@ -292,19 +293,8 @@ def test_no_per_token_weights_are_materialised(k, max_sets):
     jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: jnp.sum(eff(p, x)[0] ** 2), argnums=(0, 1)))(
         params, x
     )
-    shapes = []
-
-    def walk(jx):
-        for eqn in jx.eqns:
-            shapes.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        walk(sub)
-
-    walk(jaxpr.jaxpr)
+    shapes = [tuple(v.aval.shape) for eqn in all_eqns(jaxpr) for v in eqn.outvars
+              if hasattr(v.aval, "shape")]
     assert shapes
     for s in shapes:
         if len(s) >= 3 and s[-2:] in ((D_MODEL, BNECK), (BNECK, D_MODEL)):

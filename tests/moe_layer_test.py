@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import all_eqns
 
 from hypermoe_jax import partitioning as part
 from hypermoe_jax.layers import moe_layer
@@ -405,22 +406,9 @@ def test_padding_is_not_dispatched_and_output_zero():
 def _collective_operands(fn, *args):
     """Shapes of the first operand of every all_to_all / all_gather / psum_scatter / psum in the
     jaxpr of ``fn`` (inside shard_map bodies too)."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name in ("all_to_all", "all_gather", "reduce_scatter", "psum",
-                                      "psum_invariant"):
-                found.append((eqn.primitive.name, tuple(eqn.invars[0].aval.shape)))
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
+    names = ("all_to_all", "all_gather", "reduce_scatter", "psum", "psum_invariant")
+    return [(eqn.primitive.name, tuple(eqn.invars[0].aval.shape))
+            for eqn in all_eqns(jax.make_jaxpr(fn)(*args)) if eqn.primitive.name in names]
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)], ids=lambda s: "x".join(map(str, s)))
