@@ -26,8 +26,9 @@ caller that knows nothing about ``frozen`` (e.g. a plain T5X train state) would 
 the variables together; gradients of ``frozen`` leaves are then exactly zero.
 
 Experts per token: SMoE-Dropout grows k during training. With a ``KSchedule`` the model computes
-``k = linear_k_schedule(step, ...)`` from the ``step`` keyword of ``loss_fn`` (a caller
-that passes no step trains with k_max). Evaluation, scoring and decoding use ``eval_active_k``
+``k = linear_k_schedule(step, ...)`` from the ``step`` keyword of ``loss_fn``; a training call
+without a step is an error (it would train at k_max without a word). Evaluation, scoring and
+decoding use ``eval_active_k``
 (None = all ``num_selected``), or the ``active_k`` keyword of each call (any-k inference).
 
 MoE aux losses (``losses``): the load-balance and router z-losses of all MoE layers (both stacks)
@@ -301,14 +302,35 @@ class BaseTransformerModel:
 
         ``step`` drives the ``k_schedule``; ``active_k`` overrides it.
         """
+        loss, metrics, _ = self.forward(params, batch, dropout_rng, flax_mutables=flax_mutables,
+                                        step=step, active_k=active_k)
+        return loss, metrics
+
+    def forward(self, params, batch, dropout_rng, *, flax_mutables=None, step=None,
+                active_k=None) -> tuple[Array, dict[str, Any], Array]:
+        """``loss_fn``'s loss and metrics, and the logits they come from.
+
+        A training call (``dropout_rng`` given) of a model with a ``k_schedule`` needs ``step``
+        (or an explicit ``active_k``): without it the schedule could not grow k, and training
+        at k_max instead would silently lose what SMoE-Dropout / HyperRouter are.
+        """
         if active_k is None:
-            active_k = (
-                self.train_active_k(step) if dropout_rng is not None else self._eval_k(None)
-            )
+            if dropout_rng is None:
+                active_k = self._eval_k(None)
+            elif self.k_schedule is not None and step is None:
+                raise ValueError(
+                    "This model grows the number of experts per token during training "
+                    f"({self.k_schedule}), but loss_fn was called without the training step. "
+                    "Pass step=<the optimizer step> (the trainers here do; under upstream T5X "
+                    "use the model gins in gin/t5x/, whose model tracks the step itself), or "
+                    "pass active_k explicitly.")
+            else:
+                active_k = self.train_active_k(step)
         logits, aux = self._compute_logits(
             params, batch, dropout_rng, flax_mutables=flax_mutables, active_k=active_k
         )
-        return self._loss_and_metrics(logits, aux, batch, active_k)
+        loss, metrics = self._loss_and_metrics(logits, aux, batch, active_k)
+        return loss, metrics, logits
 
     def eval_fn(self, params, batch, *, flax_mutables=None, active_k=None):
         """Eval loss and metrics (no dropout, eval capacity factor, ``eval_active_k``)."""

@@ -80,3 +80,20 @@ def write_offline_cache(cache, wiki_repeat: int = 40):
     for name in catalog.DATASETS:
         (cache / name / "info.json").write_text(
             json.dumps({"name": name, "format_version": catalog.FORMAT_VERSION}))
+
+
+T5X_REQUIRED_ENV = "HYPERMOE_REQUIRE_T5X"
+
+
+def import_t5x():
+    """Imports upstream T5X for the tests that run it; skips them when it is not installed,
+    except where ``$HYPERMOE_REQUIRE_T5X`` is set (CI, which installs it): there it must be."""
+    import os
+
+    import pytest
+
+    if os.environ.get(T5X_REQUIRED_ENV):
+        import t5x.contrib.moe.partitioning  # noqa: F401
+        import t5x.train  # noqa: F401
+        return
+    pytest.importorskip("t5x.train", reason="upstream T5X is not installed (see README.md)")

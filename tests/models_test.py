@@ -169,7 +169,7 @@ def test_frozen_collection_scheme(hyperrouter):
     assert list(router["hyper"]) == ["embedding"]
     assert float(jnp.abs(router["hyper"]["embedding"]).sum()) > 0
     with pytest.raises(ValueError, match="flax_mutables"):
-        jax.eval_shape(lambda: model.loss_fn(params, batch, rng))
+        jax.eval_shape(lambda: model.loss_fn(params, batch, rng, step=3))
 
 
 def test_k_schedule_any_k_eval_and_jitter(hyperrouter):
@@ -177,6 +177,13 @@ def test_k_schedule_any_k_eval_and_jitter(hyperrouter):
     assert int(model.train_active_k(0)) == 1
     assert int(model.train_active_k(100)) == 2
     assert model.train_active_k(None) is None
+    # A training call without the step cannot grow k: an error, not a silent run at k_max.
+    with pytest.raises(ValueError, match="without the training step"):
+        jax.eval_shape(lambda: model.loss_fn(params, batch, jax.random.PRNGKey(0),
+                                             flax_mutables=mutables))
+    # An explicit active_k needs no step; eval needs none either.
+    jax.eval_shape(lambda: model.loss_fn(params, batch, jax.random.PRNGKey(0),
+                                         flax_mutables=mutables, active_k=1))
     rng = jax.random.PRNGKey(0)
     _, m0 = loss_fn(params, batch, rng, flax_mutables=mutables, step=0)
     _, m1 = loss_fn(params, batch, rng, flax_mutables=mutables, step=100)
