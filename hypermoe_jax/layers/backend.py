@@ -4,18 +4,26 @@ Some computations have several exact implementations whose speed depends on the 
 such option takes ``"auto"`` (the default: what the table below picks for the backend JAX runs on)
 or the name of one implementation (the override, e.g. to benchmark or to reproduce a run):
 
-==================  ==========  ==========  =======  ===========================================
-choice              TPU         GPU         CPU      set by
-==================  ==========  ==========  =======  ===========================================
-``dispatch``        einsum      gather      gather   ``DispatchConfig.impl``
-``grouped_matmul``  ragged_dot  ragged_dot  blocked  ``HyperExpertsConfig.grouped_impl``
-==================  ==========  ==========  =======  ===========================================
+=====================  =================  =================  ==========
+choice                 TPU                GPU                CPU
+=====================  =================  =================  ==========
+``dispatch``           einsum             gather             gather
+``grouped_matmul``     ragged_dot         ragged_dot         blocked
+``dropless_exchange``  ragged_all_to_all  ragged_all_to_all  all_to_all
+=====================  =================  =================  ==========
+
+Set by ``DispatchConfig.impl``, ``HyperExpertsConfig.grouped_impl`` and
+``DispatchConfig.dropless_exchange``.
 
 * dispatch: one-hot einsums feed the MXU on TPU (flaxformer's choice there); index gathers move
   ``E * C * d`` values instead of ``S * E * C * d`` MACs elsewhere.
 * grouped matmul (HyperExperts of the dense placement): ``jax.lax.ragged_dot`` is the native
   grouped matmul on TPU and GPU; on CPU it lowers to a masked dense product, and the sorted
   capacity/blocked layouts of ``grouped.py`` are 4-10x faster (``benchmarks/hyper_layer.py``).
+* dropless exchange (``dropless_exchange``; the expert-parallel all-to-all of
+  ``DispatchConfig(impl='dropless')``): ``ragged_all_to_all`` sends only the routed rows; XLA:CPU
+  has no ragged all-to-all, so CPU pads each device's run to the worst case and uses
+  ``all_to_all`` (exact, n_expert times the volume; ``layers/dropless.py``).
 
 The choice is made when the layer is traced, from ``jax.default_backend()``.
 """
@@ -31,6 +39,8 @@ AUTO = "auto"
 DEFAULTS: Mapping[str, Mapping[str, str]] = {
     "dispatch": {"tpu": "einsum", "gpu": "gather", "cpu": "gather"},
     "grouped_matmul": {"tpu": "ragged_dot", "gpu": "ragged_dot", "cpu": "blocked"},
+    "dropless_exchange": {"tpu": "ragged_all_to_all", "gpu": "ragged_all_to_all",
+                          "cpu": "all_to_all"},
 }
 
 

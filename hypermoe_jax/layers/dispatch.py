@@ -12,6 +12,10 @@ dispatch plans with the same methods and the same result:
 * ``SlotDispatch``  -- index gathers from each choice's slot ``e * C + c`` (``O(E * C * d)`` per
   group; cheaper where einsums are not free).
 
+``impl='dropless'`` drops nothing: no capacity, tokens sorted by expert and ``ragged_dot``
+(``dropless.DroplessDispatch``, ``layers/dropless.py``); it equals the two above whenever they drop
+no token.
+
 ``run_experts`` runs dispatch -> experts -> combine. On a (data, expert, model) mesh it runs inside
 ``jax.shard_map``: tokens arrive split over (data, expert) by group, are dispatched locally to
 ``[E, G_l, C, d]``, exchanged with ``all_to_all`` over ``expert`` so that each device holds its own
@@ -31,12 +35,16 @@ from flax import struct
 from jax.sharding import Mesh, PartitionSpec
 
 from hypermoe_jax import partitioning as part
-from hypermoe_jax.layers import backend, experts, routing
+from hypermoe_jax.layers import backend, dropless, experts, routing
+from hypermoe_jax.layers import checkpoint_names as names
 
 Array = jax.Array
 DroppedTokenBehavior = Literal["zero", "scale_input"]
-DispatchImpl = Literal["auto", "einsum", "gather"]
+DispatchImpl = Literal["auto", "einsum", "gather", "dropless"]
+# The capacity dispatches (all give the same result; ``auto`` picks one by backend).
 DISPATCH_IMPLS = ("einsum", "gather")
+# No capacity: every routed choice reaches its expert (``layers/dropless.py``).
+DROPLESS = "dropless"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +62,14 @@ class DispatchConfig:
         dropped gets ``gate_top1 * x`` (older HF releases, which the official HyperMoE code
         patches).
       impl: ``einsum`` (``MaskDispatch``) | ``gather`` (``SlotDispatch``) | ``auto`` (by backend,
-        ``backend.DEFAULTS``). All give the same result.
+        ``backend.DEFAULTS``): capacity dispatches, all give the same result; or ``dropless``
+        (``dropless.DroplessDispatch``): no capacity -- every routed choice reaches its expert
+        (tokens sorted by expert, ``jax.lax.ragged_dot``); the capacity factors and
+        ``min_capacity`` are unused and nothing is dropped. It equals the capacity dispatches
+        whenever they drop nothing. Not chosen by ``auto``: it changes what the layer computes.
+      dropless_exchange: the expert-parallel exchange of ``dropless``: ``ragged_all_to_all``
+        (only the routed rows move) | ``all_to_all`` (each device's rows padded to the worst
+        case: exact everywhere, XLA:CPU has no ragged all-to-all) | ``auto`` (by backend).
     """
 
     train_capacity_factor: float = 1.25
@@ -63,6 +78,7 @@ class DispatchConfig:
     group_size: int | None = None
     dropped_token_behavior: DroppedTokenBehavior = "zero"
     impl: DispatchImpl = "auto"
+    dropless_exchange: dropless.Exchange = "auto"
 
     def __post_init__(self):
         for name in ("train_capacity_factor", "eval_capacity_factor"):
@@ -74,11 +90,17 @@ class DispatchConfig:
             raise ValueError(
                 "DispatchConfig.dropped_token_behavior must be 'zero' or 'scale_input', "
                 f"got {self.dropped_token_behavior!r}")
-        backend.check("dispatch", self.impl, DISPATCH_IMPLS, "DispatchConfig.impl")
+        backend.check("dispatch", self.impl, (*DISPATCH_IMPLS, DROPLESS), "DispatchConfig.impl")
+        backend.check("dropless_exchange", self.dropless_exchange, dropless.EXCHANGES,
+                      "DispatchConfig.dropless_exchange")
 
     def capacity(self, group_size: int, num_experts: int, num_selected: int,
                  deterministic: bool) -> int:
-        """Slots per expert and group (``routing.expert_capacity`` at the mode's factor)."""
+        """Slots per expert and group (``routing.expert_capacity`` at the mode's factor); with
+        ``dropless``, S: an expert can take every token of the group, so routing keeps every
+        choice (the dropless plan never builds per-slot buffers)."""
+        if self.impl == DROPLESS:
+            return group_size
         cf = self.eval_capacity_factor if deterministic else self.train_capacity_factor
         return routing.expert_capacity(group_size, num_experts, num_selected, cf,
                                        self.min_capacity)
@@ -189,11 +211,17 @@ class SlotDispatch:
         return jnp.einsum("gsk,gskd->gsd", weights.astype(y_e.dtype), picked)
 
 
-Dispatch = MaskDispatch | SlotDispatch
+Dispatch = MaskDispatch | SlotDispatch | dropless.DroplessDispatch
 
 
-def make_dispatch(r: routing.Routing, impl: str, capacity: int) -> Dispatch:
-    """The dispatch plan of a routing decision (``impl``: ``einsum`` | ``gather`` | ``auto``)."""
+def make_dispatch(r: routing.Routing, impl: str, capacity: int,
+                  dropless_exchange: str = backend.AUTO) -> Dispatch:
+    """The dispatch plan of a routing decision (``impl``: ``einsum`` | ``gather`` | ``auto`` |
+    ``dropless``; ``dropless_exchange``: see ``DispatchConfig``)."""
+    if impl == DROPLESS:
+        return dropless.DroplessDispatch(
+            r.expert_index, r.gates, r.active, r.router_probs.shape[-1],
+            backend.resolve("dropless_exchange", dropless_exchange))
     if backend.resolve("dispatch", impl) == "einsum":
         return MaskDispatch(r.dispatch_mask, r.combine_weights)
     num_experts = r.router_probs.shape[-1]
@@ -236,6 +264,7 @@ def _expert_shard(x, plan: Dispatch, weights, adapters, dropout_rng, *, activati
     ``model`` and every model shard exchanges all of them.
     """
     x_e = _to_experts(plan.dispatch(x.astype(dtype)), expert_axis)  # [E_l, G, C, d]
+    x_e = names.checkpoint_name(x_e, names.MOE_DISPATCHED)
     x_all = x_e
     if model_split:
         # [E_l, G, C, d] -> [E_l, n_model * G, C, d]: the groups of every model shard.
@@ -250,6 +279,7 @@ def _expert_shard(x, plan: Dispatch, weights, adapters, dropout_rng, *, activati
         y_e = jax.lax.psum_scatter(y_e, model_axis, scatter_dimension=1, tiled=True)
     elif model_axis is not None:
         y_e = jax.lax.psum(y_e, model_axis)
+    y_e = names.checkpoint_name(y_e, names.MOE_EXPERT_OUT)
     if adapters is None:
         return plan.combine(_from_experts(y_e, expert_axis))
     # Fused companion adapters: the adapter of expert e on the tokens at expert e, ungated. A slot
@@ -287,6 +317,10 @@ def run_experts(
         applied ungated to the tokens each expert keeps.
       dropout_rate / dropout_rng: dropout on the experts' hidden activations.
     """
+    if isinstance(plan, dropless.DroplessDispatch):
+        return dropless.run_experts(x, plan, weights, activation=activation, mesh=mesh,
+                                    adapters=adapters, dropout_rate=dropout_rate,
+                                    dropout_rng=dropout_rng, dtype=dtype)
     fn = functools.partial(_expert_shard, activation=activation, dtype=dtype,
                            dropout_rate=dropout_rate if dropout_rng is not None else 0.0)
     if mesh is None:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from hypermoe_jax import partitioning as part
+from hypermoe_jax.layers import checkpoint_names
 
 Array = jax.Array
 Activation = Literal["relu", "gelu", "silu", "gated-gelu", "gated-silu"]
@@ -139,6 +140,7 @@ def expert_mlp(
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, h.shape)
         h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0)
+    h = checkpoint_names.checkpoint_name(h, checkpoint_names.MOE_EXPERT_HIDDEN)
     return jnp.einsum("egcf,efd->egcd", h, weights["wo"].astype(dtype))
 
 

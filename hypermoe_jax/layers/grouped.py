@@ -41,9 +41,10 @@ def _block_rows(num_tokens: int, num_groups: int, block_size: int) -> int:
 
 
 @jax.custom_vjp
-def _permute_rows(x: Array, index: Array, inverse: Array) -> Array:
+def permute_rows(x: Array, index: Array, inverse: Array) -> Array:
     """``x[index]`` (rows with an out-of-range index are 0) for an index that is injective on its
-    valid entries; ``inverse`` is its inverse (``index[inverse[i]] == i`` for every row i of x).
+    valid entries; ``inverse`` is its inverse (``index[inverse[i]] == i`` for every row i of x that
+    ``index`` takes; out of range for a row it never takes, whose gradient is then 0).
 
     The transpose of such a gather is the gather by ``inverse``: no scatter-add in the backward.
     """
@@ -51,7 +52,7 @@ def _permute_rows(x: Array, index: Array, inverse: Array) -> Array:
 
 
 def _permute_rows_fwd(x, index, inverse):
-    return _permute_rows(x, index, inverse), (index, inverse)
+    return permute_rows(x, index, inverse), (index, inverse)
 
 
 def _permute_rows_bwd(res, g):
@@ -59,7 +60,7 @@ def _permute_rows_bwd(res, g):
     return jnp.take(g, inverse, axis=0, mode="fill", fill_value=0), None, None
 
 
-_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def _adapter_mlp_batched(a: dict[str, Array], xb: Array, precision) -> Array:
@@ -114,9 +115,9 @@ def _capacity_layout(cap, precision, adapters, x, idx):
     num_adapters = adapters["w_down"].shape[0]
     rows = jnp.arange(num_adapters * cap)
     src, dest = _layout_rows(idx, rows // cap, rows % cap, idx["ids"] * cap + idx["within"])
-    xb = _permute_rows(x, src, dest).reshape(num_adapters, cap, x.shape[-1])
+    xb = permute_rows(x, src, dest).reshape(num_adapters, cap, x.shape[-1])
     y = _adapter_mlp_batched(adapters, xb, precision).reshape(num_adapters * cap, x.shape[-1])
-    return _permute_rows(y, dest, src)  # [T, d] in token order
+    return permute_rows(y, dest, src)  # [T, d] in token order
 
 
 def _blocked_layout(blk, num_blocks, precision, adapters, x, idx):
@@ -131,10 +132,10 @@ def _blocked_layout(blk, num_blocks, precision, adapters, x, idx):
     offset = jnp.arange(num_blocks * blk) - padded_start[row_adapter]
     src, dest = _layout_rows(idx, row_adapter, offset,
                              padded_start[idx["ids"]] + idx["within"])
-    xb = _permute_rows(x, src, dest).reshape(num_blocks, blk, x.shape[-1])
+    xb = permute_rows(x, src, dest).reshape(num_blocks, blk, x.shape[-1])
     a = {k: v[block_adapter] for k, v in adapters.items()}
     y = _adapter_mlp_batched(a, xb, precision).reshape(num_blocks * blk, x.shape[-1])
-    return _permute_rows(y, dest, src)
+    return permute_rows(y, dest, src)
 
 
 def mask_and_add(out: Array, residual: Array | None, token_mask: Array | None) -> Array:

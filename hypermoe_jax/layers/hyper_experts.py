@@ -21,6 +21,10 @@ weights ``[T, d, b]``.
   beside expert i* on the tokens it keeps (``dispatch.run_experts(adapters=...)``); differs from
   ``dense`` only for dropped tokens.
 
+With dropless dispatch (``DispatchConfig(impl='dropless')``) and top-1 nothing is dropped, so both
+placements are the companion adapter of the expert each token reaches: the HyperExperts ride the
+experts' grouping (``layers/dropless.py``: one sort, ``ragged_dot`` for both).
+
 One ``HyperExpertGenerator`` per stack lives OUTSIDE the layer scan (its hypernetwork is shared by
 all MoE layers of the stack); the m-th MoE layer gets ``jax.tree.map(lambda a: a[m], gen())``.
 """

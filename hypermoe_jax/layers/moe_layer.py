@@ -19,6 +19,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from hypermoe_jax import partitioning as part
+from hypermoe_jax.layers import checkpoint_names as names
 from hypermoe_jax.layers import dispatch as dispatch_lib
 from hypermoe_jax.layers import experts as experts_lib
 from hypermoe_jax.layers import routers, routing
@@ -128,6 +129,7 @@ class MoeLayer(nn.Module):
 
         logits = routers.Router(num_experts, rcfg, name="router")(
             xg, deterministic=deterministic)
+        logits = names.checkpoint_name(logits, names.ROUTER_LOGITS)
         capacity = dcfg.capacity(group_size, num_experts, num_selected, deterministic)
         r = routing.route_tokens(
             logits,
@@ -149,7 +151,7 @@ class MoeLayer(nn.Module):
         use_dropout = ecfg.dropout_rate > 0 and not deterministic
         y = dispatch_lib.run_experts(
             xg,
-            dispatch_lib.make_dispatch(r, dcfg.impl, capacity),
+            dispatch_lib.make_dispatch(r, dcfg.impl, capacity, dcfg.dropless_exchange),
             weights,
             activation=ecfg.activation or "relu",
             mesh=self.mesh,
@@ -162,6 +164,7 @@ class MoeLayer(nn.Module):
             dropped = (r.active[..., 0] & ~r.kept[..., 0]).astype(self.dtype)
             y = y + (dropped * r.gates[..., 0])[..., None] * xg.astype(self.dtype)
         y = part.with_logical_constraint(y, (part.EXPERT_GROUP, part.LENGTH, part.EMBED))
+        y = names.checkpoint_name(y, names.MOE_OUT)
         aux = MoeAux(
             load_balance_loss=routing.load_balancing_loss(r),
             z_loss=routing.router_z_loss(r),

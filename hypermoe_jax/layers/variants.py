@@ -31,7 +31,7 @@ from jax.sharding import Mesh, PartitionSpec
 from hypermoe_jax import partitioning as part
 from hypermoe_jax.layers import experts as experts_lib
 from hypermoe_jax.layers import grouped, hyper_experts, moe_layer
-from hypermoe_jax.layers.dispatch import DispatchConfig
+from hypermoe_jax.layers.dispatch import DROPLESS, DispatchConfig
 from hypermoe_jax.layers.experts import ExpertsConfig
 from hypermoe_jax.layers.hyper_experts import HyperExpertsConfig
 from hypermoe_jax.layers.routers import RouterConfig
@@ -224,7 +224,11 @@ class SparseMlp(nn.Module):
         """
         cfg = self.config
         hcfg = cfg.hyper_experts
-        fused = hcfg is not None and hcfg.placement == "fused"
+        # With dropless top-1 dispatch nothing is dropped, so both placements are the companion
+        # adapter of the expert each token reaches: it rides the experts' grouping (one sort).
+        fused = hcfg is not None and (
+            hcfg.placement == "fused"
+            or (cfg.dispatch.impl == DROPLESS and cfg.num_selected == 1))
         if hcfg is not None and hyper_inputs is None:
             raise ValueError(
                 "A layer with HyperExperts (variant 'hypermoe') needs hyper_inputs: this layer's "
