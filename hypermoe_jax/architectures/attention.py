@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from hypermoe_jax import partitioning as part
 from hypermoe_jax.architectures.config import CACHE, default_kernel_init
+from hypermoe_jax.layers import checkpoint_names as names
 
 Array = jax.Array
 _NEG_INF = -1e10
@@ -95,7 +96,8 @@ class MultiHeadAttention(nn.Module):
             self.param_dtype,
         )
         y = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
-        return part.with_logical_constraint(y, (part.BATCH, part.LENGTH, part.HEADS, part.KV))
+        y = part.with_logical_constraint(y, (part.BATCH, part.LENGTH, part.HEADS, part.KV))
+        return names.checkpoint_name(y, names.ATTENTION_QKV)
 
     @nn.compact
     def __call__(
@@ -158,7 +160,8 @@ class MultiHeadAttention(nn.Module):
             self.param_dtype,
         )
         out = jnp.einsum("bqhk,hkd->bqd", y, out_kernel.astype(self.dtype))
-        return part.with_logical_constraint(out, (part.BATCH, part.LENGTH, part.EMBED))
+        out = part.with_logical_constraint(out, (part.BATCH, part.LENGTH, part.EMBED))
+        return names.checkpoint_name(out, names.ATTENTION_OUT)
 
 
 def _scaled(init, scale, *args):

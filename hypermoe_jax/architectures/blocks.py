@@ -18,6 +18,7 @@ from flax import linen as nn
 from hypermoe_jax import partitioning as part
 from hypermoe_jax.architectures.attention import MultiHeadAttention
 from hypermoe_jax.architectures.config import TransformerConfig, default_kernel_init, is_sparse
+from hypermoe_jax.layers import checkpoint_names as names
 from hypermoe_jax.layers.experts import activation_fn
 from hypermoe_jax.layers.variants import MoeConfig, SparseMlp
 
@@ -72,10 +73,12 @@ class MlpBlock(nn.Module):
         else:
             h = act(dense("wi", (d, self.mlp_dim), (part.EMBED, part.MLP), x))
         h = part.with_logical_constraint(h, (part.BATCH, part.LENGTH, part.MLP))
+        h = names.checkpoint_name(h, names.MLP_HIDDEN)
         if self.dropout_rate > 0.0 and not deterministic:
             h = nn.Dropout(rate=self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=False)
         y = dense("wo", (self.mlp_dim, d), (part.MLP, part.EMBED), h)
-        return part.with_logical_constraint(y, (part.BATCH, part.LENGTH, part.EMBED))
+        y = part.with_logical_constraint(y, (part.BATCH, part.LENGTH, part.EMBED))
+        return names.checkpoint_name(y, names.MLP_OUT)
 
 
 def context_mesh() -> Any:

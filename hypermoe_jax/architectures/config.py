@@ -11,16 +11,30 @@ repeats (``sparse_step`` 0 / None: a period is one dense block).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import difflib
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from hypermoe_jax.layers import routers
+from hypermoe_jax.layers.checkpoint_names import CHECKPOINT_NAMES
 from hypermoe_jax.layers.variants import MoeConfig
 
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Remat policies (``TransformerConfig.remat_policy``, per scanned period). A policy is one preset
+# or terms joined by ``+`` (the policy saves what any of its terms saves):
+#
+#   none            no remat: the backward keeps what it needs, nothing is recomputed
+#   full            save nothing of the period, recompute it in the backward
+#   dots            save every matmul output
+#   dots_no_batch   save matmul outputs without batch dimensions (weight-stationary ones)
+#   save:a,b        save the named intermediates a and b (``layers.checkpoint_names``)
+#   recompute:a,b   save every named intermediate except a and b
+#
+# e.g. ``save:moe_dispatched,attention_out`` or ``dots_no_batch+save:moe_dispatched``.
+RematPolicy = str
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # the presets
+REMAT_NAMED_TERMS = ("save", "recompute")  # the ``<term>:<names>`` forms
 
 # Variable collections: ``params`` (trained), ``frozen`` (saved, never trained: HyperRouter's
 # hypernetwork, SMoE-Dropout's router), ``cache`` (decoding; transient).
@@ -48,7 +62,9 @@ class TransformerConfig:
     ``mlp_dim`` / ``activation``).
     ``remat_policy`` (per scanned period): ``none`` | ``full`` (save nothing, recompute the
     period in the backward pass) | ``dots`` (save matmul outputs) | ``dots_no_batch`` (save
-    matmuls without batch dimensions, i.e. weight-stationary ones).
+    matmuls without batch dimensions, i.e. weight-stationary ones) | ``save:<names>`` (save these
+    named intermediates, ``layers.checkpoint_names``) | ``recompute:<names>`` (save every named
+    intermediate but these) | terms joined by ``+`` (see ``parse_remat_policy``).
     """
 
     vocab_size: int
@@ -75,10 +91,7 @@ class TransformerConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"Unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}."
-            )
+        parse_remat_policy(self.remat_policy)  # raises a ValueError that says what is wrong
         if is_sparse(self.encoder_sparse_step) or is_sparse(self.decoder_sparse_step):
             if self.moe is None:
                 raise ValueError(
@@ -112,3 +125,47 @@ def sparse_layer_indices(num_layers: int, sparse_step: int | None) -> list[int]:
     if not is_sparse(sparse_step):
         return []
     return [p * sparse_step + sparse_step - 1 for p in range(num_periods(num_layers, sparse_step))]
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_remat_policy(spec: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The terms of a remat policy: ``((kind, names), ...)``, kind a preset or one of
+    ``REMAT_NAMED_TERMS`` (names empty for presets). ``none`` and ``full`` stand alone.
+
+    Raises a ValueError naming the bad part and the choices, e.g. for ``save:mlp_hiden``.
+    """
+    usage = (f"a remat_policy is one of {REMAT_POLICIES} or terms joined by '+': 'dots', "
+             "'dots_no_batch', 'save:<name>,<name>', 'recompute:<name>,<name>' with names from "
+             f"{CHECKPOINT_NAMES}")
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"remat_policy must be a non-empty string, got {spec!r}; {usage}.")
+    terms = []
+    for term in spec.replace(" ", "").split("+"):
+        kind, sep, rest = term.partition(":")
+        if not sep:
+            if kind not in REMAT_POLICIES:
+                raise ValueError(f"Unknown remat_policy term {kind!r} in {spec!r}"
+                                 f"{_did_you_mean(kind, REMAT_POLICIES + REMAT_NAMED_TERMS)}; "
+                                 f"{usage}.")
+            terms.append((kind, ()))
+            continue
+        if kind not in REMAT_NAMED_TERMS:
+            raise ValueError(f"Unknown remat_policy term {kind + ':'!r} in {spec!r}"
+                             f"{_did_you_mean(kind, REMAT_NAMED_TERMS)}; {usage}.")
+        names = tuple(n for n in rest.split(",") if n)
+        if not names:
+            raise ValueError(f"remat_policy term {term!r} names no intermediate; {usage}.")
+        for n in names:
+            if n not in CHECKPOINT_NAMES:
+                raise ValueError(f"Unknown intermediate {n!r} in remat_policy {spec!r}"
+                                 f"{_did_you_mean(n, CHECKPOINT_NAMES)}; the named "
+                                 f"intermediates are {CHECKPOINT_NAMES}.")
+        terms.append((kind, names))
+    if len(terms) > 1 and any(k in ("none", "full") for k, _ in terms):
+        raise ValueError(f"remat_policy {spec!r}: 'none' and 'full' cannot be combined with other "
+                         f"terms; {usage}.")
+    return tuple(terms)

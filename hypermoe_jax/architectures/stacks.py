@@ -52,6 +52,7 @@ from hypermoe_jax.architectures.config import (
     TransformerConfig,
     is_sparse,
     num_periods,
+    parse_remat_policy,
 )
 from hypermoe_jax.layers.hyper_experts import HyperExpertGenerator
 from hypermoe_jax.layers.moe_layer import MoeAux
@@ -61,12 +62,27 @@ Array = jax.Array
 _STACKED_COLLECTIONS = (PARAMS, FROZEN, INTERMEDIATES)
 
 
-def remat_policy(name: str):
-    return {
-        "full": None,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    }[name]
+def remat_policy(spec: str):
+    """The ``jax.checkpoint`` policy of a ``TransformerConfig.remat_policy`` other than ``none``
+    (``config.parse_remat_policy``): None (save nothing) for ``full``; otherwise the union of the
+    terms' policies."""
+    cp = jax.checkpoint_policies
+    policies = []
+    for kind, names in parse_remat_policy(spec):
+        if kind == "none":
+            raise ValueError("remat_policy 'none' means no remat; there is no policy to build.")
+        if kind == "full":
+            return None
+        policies.append({
+            "dots": lambda: cp.checkpoint_dots,
+            "dots_no_batch": lambda: cp.checkpoint_dots_with_no_batch_dims,
+            "save": lambda names=names: cp.save_only_these_names(*names),
+            "recompute": lambda names=names: cp.save_any_names_but_these(*names),
+        }[kind]())
+    policy = policies[0]
+    for other in policies[1:]:
+        policy = cp.save_from_both_policies(policy, other)
+    return policy
 
 
 class TransformerStack(nn.Module):
