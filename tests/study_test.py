@@ -1,0 +1,195 @@
+"""``hypermoe_jax.study``: the statistics and claims (against independent computations), the
+HyperMoE selection-embedding analysis (against the generator module), and a tiny end-to-end
+HyperRouter study through the real trainer on the fake offline cache (per-seed figures equal to
+the trainer's own eval output)."""
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from helpers import write_offline_cache
+
+from hypermoe_jax import study
+from hypermoe_jax.data import cache as cache_lib
+from hypermoe_jax.layers import hyper_experts as hx
+
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_summarize_matches_statistics():
+    values = [2.5, 3.25, 2.875, 4.0]
+    s = study.summarize(values)
+    assert s["mean"] == pytest.approx(statistics.mean(values))
+    assert s["std"] == pytest.approx(statistics.stdev(values))  # sample std (n - 1)
+    assert s["n"] == 4 and s["values"] == values
+    assert study.summarize([1.5])["std"] == 0.0
+
+
+@pytest.mark.parametrize("ours, other, lower, agrees, clear", [
+    ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], True, True, True),     # far apart, lower wins
+    ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], False, False, False),  # higher is better: it loses
+    ([1.0, 1.6, 0.4], [1.2, 1.8, 0.6], True, True, False),    # lower on average, within noise
+])
+def test_compare(ours, other, lower, agrees, clear):
+    c = study.compare("c", "p", ours, other, lower_is_better=lower)
+    diff = np.mean(ours) - np.mean(other)
+    se = math.sqrt(np.var(ours, ddof=1) / 3 + np.var(other, ddof=1) / 3)
+    assert c["difference"] == pytest.approx(diff)
+    assert c["standard_error"] == pytest.approx(se)
+    assert (c["agrees"], c["clear"]) == (agrees, clear)
+
+
+def test_mean_curve_over_the_common_steps():
+    a = {"step": [10, 20, 30], "value": [3.0, 2.0, 1.0]}
+    b = {"step": [10, 20], "value": [5.0, 4.0]}  # a seed that evaluated less often
+    c = study.mean_curve([a, b])
+    assert c["step"] == [10, 20] and c["n"] == 2
+    np.testing.assert_allclose(c["mean"], [4.0, 3.0])
+    np.testing.assert_allclose(c["std"], [np.std([3, 5], ddof=1), np.std([2, 4], ddof=1)])
+
+
+def _generator_params(num_layers=2, num_experts=4, d_model=8):
+    cfg = hx.HyperExpertsConfig(bottleneck_dim=4, expert_embed_dim=6, selection_hidden_dim=5,
+                                selection_dim=7, hyper_hidden_dim=8)
+    gen = hx.HyperExpertGenerator(num_layers=num_layers, num_experts=num_experts, num_selected=1,
+                                  d_model=d_model, config=cfg)
+    params = nn.unbox(gen.init(jax.random.PRNGKey(3)))["params"]
+    return gen, jax.tree.map(np.asarray, params)
+
+
+def test_selection_embeddings_equal_the_generator_modules():
+    gen, params = _generator_params()
+    masks = hx.unselected_masks(4, 1)  # [N, N]: row i = every expert but i
+    s_tilde = np.einsum("mn,lne->lme", masks, params["expert_embedding"])
+    want = gen.apply({"params": params}, s_tilde, method=lambda g, x: g._selection_mlp(x))
+    np.testing.assert_allclose(study.selection_embeddings(params), want, rtol=1e-5, atol=1e-6)
+    # The HyperExperts themselves: the module's per-set adapters (set i: expert i selected).
+    adapters = gen.apply({"params": params})
+    mine = study.generated_adapters(params)
+    for key in ("w_down", "b_down", "w_up", "b_up"):
+        np.testing.assert_allclose(mine[key], adapters[key], rtol=1e-4, atol=1e-9)
+
+
+def test_selection_analysis_of_a_checkpoint(tmp_path):
+    """Saved as the trainer saves (orbax, ``<step>/state`` with ``params``); the similarities
+    against a loop over pairs."""
+    import orbax.checkpoint as ocp
+
+    _, gen = _generator_params(num_layers=2, num_experts=4, d_model=8)
+    routers = np.random.default_rng(0).normal(size=(2, 8, 4))  # scanned: [layers, d, N]
+    wi, wo = np.ones((2, 4, 8, 3)), np.full((2, 4, 3, 8), 2.0)  # |wi| |wo| = sqrt(24) sqrt(96) = 48
+    params = {"decoder": {"hyper_generator": gen, "layers": {"mlp": {
+        "router": {"router_weights": {"kernel": routers}},
+        "experts": {"wi_0": wi, "wi_1": wi, "wo": wo}}}}}
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "ckpt" / "7" / "state", {"params": params})
+    ckpt.wait_until_finished()
+    a = study.selection_analysis(tmp_path / "ckpt")
+    sel = study.selection_embeddings(gen)
+
+    def cos(u, v):
+        return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
+
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    within = np.mean([cos(sel[m, i], sel[m, j]) for m in range(2) for i, j in pairs])
+    across = np.mean([cos(sel[0, i], sel[1, j]) for i in range(4) for j in range(4)])
+    corr = np.mean([np.corrcoef([cos(sel[m, i], sel[m, j]) for i, j in pairs],
+                                [cos(routers[m][:, i], routers[m][:, j]) for i, j in pairs])[0, 1]
+                    for m in range(2)])
+    assert a["within_layer"] == pytest.approx(within, abs=1e-6)
+    assert a["across_layers"] == pytest.approx(across, abs=1e-6)
+    assert a["router_correlation"] == pytest.approx(corr, abs=1e-6)
+    ad = study.generated_adapters(gen)
+    hyper = np.mean([np.linalg.norm(ad["w_down"][m, i]) * np.linalg.norm(ad["w_up"][m, i])
+                     for m in range(2) for i in range(4)])
+    assert a["hyper_to_expert_scale"] == pytest.approx(hyper / 48.0, rel=1e-6)
+    assert a["hyper_to_expert_scale"] < 1e-2  # hyperfanin: the HyperExperts start tiny
+    assert a["labels"][:5] == ["dec L0 e0", "dec L0 e1", "dec L0 e2", "dec L0 e3", "dec L1 e0"]
+    assert np.asarray(a["similarity"]).shape == (8, 8)
+
+
+# A HyperRouter study small enough for a test: 2-layer LMs (d 32), 4 experts, 4 steps.
+TINY = dataclasses.replace(
+    study.FULL["hyperrouter"], seeds=(0, 1), steps=4, batch_size=8,
+    lengths=(("targets", 32),), num_experts=4, expert_hidden_dim=16, k_min=2,
+    k_values=(1, 2, 4), eval_period=2, eval_steps=1, test_steps=2, log_every=2,
+    bindings=("sizes.decoder_only.emb_dim = 32", "sizes.decoder_only.mlp_dim = 64",
+              "sizes.decoder_only.num_heads = 2", "sizes.decoder_only.head_dim = 16",
+              "sizes.decoder_only.num_layers = 2"))
+
+
+@pytest.fixture()
+def fake_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    write_offline_cache(cache, wiki_repeat=100)
+    monkeypatch.setenv(cache_lib.CACHE_ENV, str(cache))
+    return cache
+
+
+def test_tiny_hyperrouter_study_end_to_end(tmp_path, fake_cache, monkeypatch):
+    out, work = tmp_path / "out", tmp_path / "work"
+    res = study.run_study("hyperrouter", TINY, out, work, say=lambda _: None)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["claims"] == res["claims"] and saved["setting"] == TINY.fingerprint()
+    # Every seed's figure is the trainer's own test eval at that k (eval_metrics.json).
+    for variant, name in study.LM_VARIANTS.items():
+        for k in ("1", "2", "4"):
+            want = [json.loads((work / "hyperrouter" / "runs" / variant / f"seed{s}" / "test"
+                                / "eval_metrics.json").read_text())["active_k"][k]
+                    ["bits_per_token"] for s in (0, 1)]
+            got = res["test_bits_per_char"][name][k]
+            assert got["values"] == pytest.approx(want)
+            assert got["mean"] == pytest.approx(np.mean(want))
+            assert got["std"] == pytest.approx(np.std(want, ddof=1))
+        curve = res["valid_curves"][name]
+        assert curve["step"] == [2, 4] and curve["n"] == 2
+        assert set(res["load"][name]) == {"decoder/layer_1"}
+    by_claim = {c["claim"]: c for c in res["claims"]}
+    hr, sd = (res["test_bits_per_char"][n]["1"]["mean"] for n in study.LM_VARIANTS.values())
+    assert by_claim["test bits/char at k=1: HyperRouter < SMoE-Dropout"]["agrees"] == (hr < sd)
+    assert sorted(res["figures"]) == sorted([
+        "figures/valid_bits_per_char.png", "figures/k_sweep.png",
+        "figures/expert_load_hyperrouter.png", "figures/expert_load_smoe_dropout.png"])
+    for f in res["figures"]:
+        assert (out / f).read_bytes()[:8] == PNG_MAGIC
+
+    # Again: the finished runs are reused, not retrained.
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(study, "gin_run", no_training)
+    again = study.run_study("hyperrouter", TINY, out, work, say=lambda _: None)
+    assert again["test_bits_per_char"] == res["test_bits_per_char"]
+    # Other settings in the same work directory are refused.
+    with pytest.raises(study.StudyError, match="holds runs of other settings"):
+        study.run_study("hyperrouter", dataclasses.replace(TINY, steps=5), out, work)
+
+
+def test_cli_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["nonsense"])
+    assert study.main(["hyperrouter", "--quick", "--seeds", "1"]) == 1
+    assert "at least 2 seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["hyperrouter", "--bogus"])
+    assert "gin bindings are --gin.NAME=VALUE" in capsys.readouterr().err
+
+
+def test_missing_data_is_explained(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(cache_lib.CACHE_ENV, str(tmp_path / "empty"))
+    monkeypatch.setattr("hypermoe_jax.data.catalog.fetch", _no_network)
+    assert study.main(["hyperrouter", "--quick", "--work_dir", str(tmp_path / "w")]) == 1
+    assert "error: no network here" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "w")
+
+
+def _no_network(name, *a, **k):
+    raise cache_lib.FetchError("no network here")
