@@ -378,6 +378,9 @@ def hypermoe_study(s: Setting, work: Path, say: Callable[[str], None] = print
         "study": "hypermoe", "pretrain_task": PRETRAIN_TASK, "task": FINETUNE_TASK,
         "metric": "accuracy (%) of the decoded label, test split",
         "variants": list(acc), "accuracy": acc, "claims": claims,
+        "trainable_parameters": {name(v, k): parameter_count(
+            work / "runs" / f"{v}_top{k}" / f"seed{rs[0]['seed']}" / "checkpoints")
+            for (v, k), rs in runs.items()},
         "gain_over_switch_by_top_k": {str(k): g for k, g in gains.items()},
         "valid_loss_curves": curves,
         "pretrain": {"final_valid_loss": pre["final_valid_loss"],
@@ -393,6 +396,17 @@ def hypermoe_study(s: Setting, work: Path, say: Callable[[str], None] = print
         "train_seconds": {n: summarize([r["train_seconds"] for r in rs])
                           for n, rs in ((name(v, k), rs) for (v, k), rs in runs.items())},
     }
+
+
+def parameter_count(ckpt_dir: Path) -> int:
+    """Trainable parameters (the ``params`` collection) of a run's latest checkpoint."""
+    return int(sum(np.size(x) for x in _leaves(_checkpoint_params(ckpt_dir))))
+
+
+def _leaves(tree) -> list:
+    if isinstance(tree, Mapping):
+        return [x for v in tree.values() for x in _leaves(v)]
+    return [tree]
 
 
 def _checkpoint_params(ckpt_dir: Path) -> dict[str, Any]:
@@ -622,9 +636,11 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         for name, by_k in results["test_bits_per_char"].items():
             lines.append(f"| {name} | " + " | ".join(_pm(by_k[k]) for k in ks) + " |")
     else:
-        lines += ["| variant | validation accuracy (%) | test accuracy (%) |", "|---|---|---|"]
+        lines += ["| variant | trainable parameters | validation accuracy (%) "
+                  "| test accuracy (%) |", "|---|---|---|---|"]
         for name, a in results["accuracy"].items():
-            lines.append(f"| {name} | {_pm(a['valid'], 2)} | {_pm(a['test'], 2)} |")
+            n = results["trainable_parameters"][name]
+            lines.append(f"| {name} | {n:,} | {_pm(a['valid'], 2)} | {_pm(a['test'], 2)} |")
     lines += ["", "| claim (paper) | this run | agrees |", "|---|---|---|"]
     for c in results["claims"]:
         verdict = ("yes" + (" (> 2 SE)" if c.get("clear") else "") if c["agrees"] else "no")
@@ -670,6 +686,13 @@ def _setting(study: str, args: argparse.Namespace, bindings: list[str]) -> Setti
             changes[field] = getattr(args, field)
     if args.model_size is not None:
         changes["model_size"] = args.model_size
+    if args.num_experts is not None:
+        n = args.num_experts
+        changes["num_experts"] = n
+        if study == "hyperrouter":  # k grows from n / 2 to n; evaluated at 1, 2, 4, ..., n
+            changes["k_min"] = max(1, n // 2)
+            changes["k_values"] = tuple(sorted({2 ** i for i in range(n.bit_length())
+                                                if 2 ** i <= n} | {n}))
     if bindings:
         changes["bindings"] = s.bindings + tuple(bindings)
     s = dataclasses.replace(s, **changes)
@@ -700,6 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pretrain_steps", type=int, default=None, help="hypermoe: Switch pretraining")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--model_size", default=None, help="size preset (architectures/sizes.py)")
+    p.add_argument("--num_experts", type=int, default=None,
+                   help="experts per MoE layer (hyperrouter: k grows from half of them to all)")
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     bad = [a for a in rest if not a.startswith("--gin.")]
     if bad:

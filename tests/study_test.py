@@ -193,3 +193,59 @@ def test_missing_data_is_explained(tmp_path, monkeypatch, capsys):
 
 def _no_network(name, *a, **k):
     raise cache_lib.FetchError("no network here")
+
+
+def test_hypermoe_study_aggregates_its_runs(tmp_path, monkeypatch):
+    """The HyperMoE study's tables and claims from its runs (the runs themselves stubbed here:
+    the trainer path is the one the HyperRouter test above runs, plus fine-tuning)."""
+    acc = {("switch", 1): [80.0, 82.0, 81.0], ("moe_share", 1): [81.0, 81.5, 82.5],
+           ("hypermoe", 1): [83.0, 84.0, 82.0], ("switch", 2): [82.0, 83.0, 84.0],
+           ("hypermoe", 2): [83.0, 83.5, 84.5]}
+    curve = {"step": [5, 10], "value": [1.0, 0.5]}
+    load = {"decoder/layer_1": {"step": [5, 10], "load": [[0.5, 0.5], [0.4, 0.6]],
+                                "dropped": [0.0, 0.1]}}
+    curves = {"eval/cross_ent_loss": curve, "load": load}
+
+    def finetune(s, variant, k, seed, ckpt, vocab_gin, run_dir):
+        return {"seed": seed, "valid_accuracy": acc[variant, k][seed] - 1,
+                "test_accuracy": acc[variant, k][seed], "train_seconds": 1.0, "curves": curves}
+
+    sel = {"labels": ["a", "b"], "similarity": [[1.0, 0.5], [0.5, 1.0]], "within_layer": 0.5,
+           "across_layers": 0.1, "router_correlation": 0.2, "hyper_to_expert_scale": 1e-3}
+    monkeypatch.setattr(study, "_pretrain", lambda s, work, vocab: (
+        work / "ckpt", {"final_valid_loss": 2.0, "train_seconds": 3.0, "curves": curves}))
+    monkeypatch.setattr(study, "_finetune_run", finetune)
+    monkeypatch.setattr(study, "selection_analysis", lambda ckpt: sel)
+    monkeypatch.setattr(study, "parameter_count", lambda ckpt: 7)
+    setting = dataclasses.replace(study.FULL["hypermoe"], top_k=(1, 2))
+    res = study.run_study("hypermoe", setting, tmp_path / "out", tmp_path / "work",
+                          say=lambda _: None)
+    assert res["accuracy"]["HyperMoE"]["test"]["mean"] == pytest.approx(83.0)
+    assert res["accuracy"]["Switch (MoE) top-2"]["valid"]["values"] == [81.0, 82.0, 83.0]
+    claims = {c["claim"]: c for c in res["claims"]}
+    c = claims["test accuracy: HyperMoE > Switch (MoE)"]
+    assert c["agrees"] and c["difference"] == pytest.approx(2.0)
+    assert c["clear"]  # 2.0 > 2 * sqrt(1 / 3 + 1 / 3) = 1.63
+    assert claims["test accuracy: HyperMoE > MoE-Share"]["difference"] == pytest.approx(
+        83.0 - 81.666666, abs=1e-5)
+    # gains: top-1 83 - 81 = +2; top-2 83.67 - 83 = +0.67: larger with fewer experts.
+    assert res["gain_over_switch_by_top_k"] == pytest.approx({"1": 2.0, "2": 2 / 3})
+    assert claims["HyperMoE's gain over Switch is larger at top-1 than at top-2"]["agrees"]
+    assert res["selection_embeddings"]["within_layer"]["mean"] == 0.5
+    assert (tmp_path / "out" / "summary.md").read_text().count("\n| ") >= 8
+    assert {"figures/test_accuracy.png", "figures/selection_similarity.png",
+            "figures/valid_loss.png", "figures/expert_load_pretrain.png",
+            "figures/expert_load_hypermoe_top_2.png"} <= set(res["figures"])
+
+
+def test_flags_scale_the_settings():
+    import argparse
+
+    args = argparse.Namespace(quick=False, seeds=5, steps=2000, batch_size=64, pretrain_steps=None,
+                              model_size="lm_small", num_experts=16)
+    s = study._setting("hyperrouter", args, ["RANDOM_SEED = 3"])
+    assert (s.seeds, s.steps, s.batch_size, s.model_size) == ((0, 1, 2, 3, 4), 2000, 64,
+                                                              "lm_small")
+    assert (s.num_experts, s.k_min, s.k_values) == (16, 8, (1, 2, 4, 8, 16))
+    assert s.bindings == ("RANDOM_SEED = 3",)
+    assert study._setting("hypermoe", args, []).k_values == study.FULL["hypermoe"].k_values
