@@ -5,6 +5,7 @@ partitioner's axes), in process. ``t5x_binaries_test.py`` runs the binaries."""
 import functools
 import inspect
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,3 +260,43 @@ def test_expert_partitioner_mesh_layout_and_abstract_mesh():
     assert seen["mesh"] == {"data": 2, "expert": 4, "model": 1}
     assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "expert"))
     np.testing.assert_array_equal(out, np.arange(16.0).reshape(8, 2) * 2)
+
+
+# --------------------------------------------------------------------------------------------
+# gin/t5x
+# --------------------------------------------------------------------------------------------
+
+REPO_GIN = __import__("pathlib").Path(__file__).resolve().parent.parent / "gin"
+T5X_MODEL_GINS = sorted(p.name for p in (REPO_GIN / "t5x").glob("*.gin"))
+
+
+@gin.configurable
+def _model_of(model=gin.REQUIRED):
+    return model
+
+
+def test_every_model_gin_has_a_t5x_twin():
+    assert T5X_MODEL_GINS == sorted(p.name for p in (REPO_GIN / "models").glob("*.gin"))
+
+
+@pytest.mark.parametrize("name", T5X_MODEL_GINS)
+def test_t5x_model_gin_builds_its_model(name):
+    """Each gin/t5x model gin gives a T5XModel around the model of gin/models/<name> with T5X's
+    Adafactor; TRAIN_STEPS and BATCH_SIZE have defaults for t5x.eval / t5x.infer."""
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(str(REPO_GIN))
+        gin.parse_config_files_and_bindings([f"t5x/{name}"], ["_model_of.model = %MODEL"])
+        model = _model_of()
+    finally:
+        gin.clear_config()
+    assert isinstance(model, t5x_models.T5XModel)
+    assert isinstance(model.optimizer_def, adafactor.Adafactor)
+    decoder_only = "_lm_" in name
+    assert isinstance(model.model, models.DecoderOnlyModel if decoder_only
+                      else models.EncoderDecoderModel)
+    moe = model.model.module.config.moe
+    assert (moe.hyper_experts is not None) == name.startswith("hypermoe")
+    assert (moe.shared_adapter is not None) == name.startswith("moe_share")
+    if name.startswith(("hyperrouter", "smoe_dropout")):
+        assert model.model.k_schedule is not None and model.model.k_schedule.total_steps is None
