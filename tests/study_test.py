@@ -127,6 +127,23 @@ TINY = dataclasses.replace(
 
 
 @pytest.fixture()
+def compile_cache(tmp_path):
+    """JAX's persistent compilation cache for one test (the seeds share their programs), as
+    ``study.main`` sets it; the previous settings are put back."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    flags = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in flags}
+    study._compilation_cache(tmp_path / "jax_cache")
+    compilation_cache.reset_cache()
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture()
 def fake_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     write_offline_cache(cache, wiki_repeat=100)
@@ -134,7 +151,7 @@ def fake_cache(tmp_path, monkeypatch):
     return cache
 
 
-def test_tiny_hyperrouter_study_end_to_end(tmp_path, fake_cache, monkeypatch):
+def test_tiny_hyperrouter_study_end_to_end(tmp_path, fake_cache, compile_cache, monkeypatch):
     out, work = tmp_path / "out", tmp_path / "work"
     res = study.run_study("hyperrouter", TINY, out, work, say=lambda _: None)
     saved = json.loads((out / "results.json").read_text())
@@ -168,6 +185,18 @@ def test_tiny_hyperrouter_study_end_to_end(tmp_path, fake_cache, monkeypatch):
     monkeypatch.setattr(study, "gin_run", no_training)
     again = study.run_study("hyperrouter", TINY, out, work, say=lambda _: None)
     assert again["test_bits_per_char"] == res["test_bits_per_char"]
+    # Reporting the finished runs only: a run without its record is left out.
+    (work / "hyperrouter" / "runs" / "smoe_dropout" / "seed1" / "study_run.json").unlink()
+    part = study.run_study("hyperrouter", TINY, tmp_path / "part", work, say=lambda _: None,
+                           report_only=True)
+    sd = part["test_bits_per_char"]["SMoE-Dropout"]["1"]
+    assert sd["n"] == 1 and sd["values"] == res["test_bits_per_char"]["SMoE-Dropout"]["1"][
+        "values"][:1]
+    assert "seeds per variant HyperRouter 2, SMoE-Dropout 1" in (
+        tmp_path / "part" / "summary.md").read_text()
+    with pytest.raises(study.StudyError, match="nothing to report"):
+        study.run_study("hyperrouter", TINY, tmp_path / "none", tmp_path / "empty",
+                        report_only=True)
     # Other settings in the same work directory are refused.
     with pytest.raises(study.StudyError, match="holds runs of other settings"):
         study.run_study("hyperrouter", dataclasses.replace(TINY, steps=5), out, work)
@@ -208,6 +237,7 @@ def test_hypermoe_study_aggregates_its_runs(tmp_path, monkeypatch):
 
     def finetune(s, variant, k, seed, ckpt, vocab_gin, run_dir):
         return {"seed": seed, "valid_accuracy": acc[variant, k][seed] - 1,
+                "test_loss": 1.0 - acc[variant, k][seed] / 100,
                 "test_accuracy": acc[variant, k][seed], "train_seconds": 1.0, "curves": curves}
 
     sel = {"labels": ["a", "b"], "similarity": [[1.0, 0.5], [0.5, 1.0]], "within_layer": 0.5,
@@ -228,6 +258,8 @@ def test_hypermoe_study_aggregates_its_runs(tmp_path, monkeypatch):
     assert c["clear"]  # 2.0 > 2 * sqrt(1 / 3 + 1 / 3) = 1.63
     assert claims["test accuracy: HyperMoE > MoE-Share"]["difference"] == pytest.approx(
         83.0 - 81.666666, abs=1e-5)
+    assert res["test_loss"]["HyperMoE"]["mean"] == pytest.approx(0.17)
+    assert claims["test loss (teacher-forced label): HyperMoE < Switch (MoE)"]["agrees"]
     # gains: top-1 83 - 81 = +2; top-2 83.67 - 83 = +0.67: larger with fewer experts.
     assert res["gain_over_switch_by_top_k"] == pytest.approx({"1": 2.0, "2": 2 / 3})
     assert claims["HyperMoE's gain over Switch is larger at top-1 than at top-2"]["agrees"]
