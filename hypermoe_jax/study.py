@@ -24,9 +24,11 @@ and whether this run agrees) and PNG figures under ``OUT/figures``. Runs (checkp
 ``metrics.jsonl``) go under ``WORK_DIR/<study>/``; a finished run is reused when the study is run
 again with the same settings, an unfinished one resumes. Nothing is chosen on the test split.
 
-Settings: ``FULL`` (<= 90 min for both studies on 2 CPU cores) and ``QUICK`` (``--quick``, a
-smoke run of a few minutes); ``--seeds``, ``--steps``, ``--batch_size``, ``--model_size`` and
-``--gin.NAME=VALUE`` (every run) scale them, e.g. on a GPU.
+Settings: ``FULL`` (sized for about 90 min for both studies on 2 idle CPU cores, estimated from
+the step rates) and ``QUICK`` (``--quick``, a smoke run: too short to test the claims);
+``--seeds``, ``--steps``, ``--batch_size``, ``--model_size``, ``--num_experts`` and
+``--gin.NAME=VALUE`` (every run) scale them, e.g. on a GPU. ``--report_only`` trains nothing and
+reports the runs finished so far.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``hypermoe_jax.plot``: reading ``metrics.jsonl`` (as ``training.reporting.MetricsWriter`` writes
 it) and drawing a run's figures; bad input is explained."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 from hypermoe_jax import plot
 from hypermoe_jax.training.reporting import MetricsWriter
 
-pytest.importorskip("matplotlib")
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,6 +59,7 @@ def test_layers_sort_by_stack_then_number():
                                              "encoder/layer_11"]
 
 
+@needs_matplotlib
 def test_cli_writes_the_run_figures(tmp_path, capsys):
     _write_run(tmp_path / "run")
     assert plot.main([str(tmp_path / "run")]) == 0
@@ -69,6 +72,7 @@ def test_cli_writes_the_run_figures(tmp_path, capsys):
     assert (tmp_path / "figs" / "expert_load.png").stat().st_size > 10_000
 
 
+@needs_matplotlib
 def test_dense_run_gets_the_loss_figure_only(tmp_path):
     MetricsWriter(tmp_path, tensorboard=False).write(5, "train", {"loss": 1.0})
     paths = plot.run_figures(tmp_path)
@@ -91,6 +95,7 @@ def test_bad_run_dirs_are_explained(tmp_path, capsys):
         plot.read_metrics(tmp_path)
 
 
+@needs_matplotlib
 def test_study_figures_draw(tmp_path):
     curve = {"step": [10, 20], "mean": [3.0, 2.5], "std": [0.1, 0.2], "n": 3}
     assert plot.curves_figure({"a": curve, "b": curve}, tmp_path / "c.png", ylabel="y",

@@ -4,6 +4,7 @@ HyperRouter study through the real trainer on the fake offline cache (per-seed f
 the trainer's own eval output)."""
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -19,7 +20,9 @@ from hypermoe_jax import study
 from hypermoe_jax.data import cache as cache_lib
 from hypermoe_jax.layers import hyper_experts as hx
 
-pytest.importorskip("matplotlib")
+# Figures need matplotlib (to be a project dependency); the rest of the study does not.
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -120,7 +123,7 @@ def test_selection_analysis_of_a_checkpoint(tmp_path):
 TINY = dataclasses.replace(
     study.FULL["hyperrouter"], seeds=(0, 1), steps=4, batch_size=8,
     lengths=(("targets", 32),), num_experts=4, expert_hidden_dim=16, k_min=2,
-    k_values=(1, 2, 4), eval_period=2, eval_steps=1, test_steps=2, log_every=2,
+    k_values=(1, 4), eval_period=2, eval_steps=1, test_steps=1, log_every=2,
     bindings=("sizes.decoder_only.emb_dim = 32", "sizes.decoder_only.mlp_dim = 64",
               "sizes.decoder_only.num_heads = 2", "sizes.decoder_only.head_dim = 16",
               "sizes.decoder_only.num_layers = 2"))
@@ -151,6 +154,7 @@ def fake_cache(tmp_path, monkeypatch):
     return cache
 
 
+@needs_matplotlib
 def test_tiny_hyperrouter_study_end_to_end(tmp_path, fake_cache, compile_cache, monkeypatch):
     out, work = tmp_path / "out", tmp_path / "work"
     res = study.run_study("hyperrouter", TINY, out, work, say=lambda _: None)
@@ -158,7 +162,7 @@ def test_tiny_hyperrouter_study_end_to_end(tmp_path, fake_cache, compile_cache, 
     assert saved["claims"] == res["claims"] and saved["setting"] == TINY.fingerprint()
     # Every seed's figure is the trainer's own test eval at that k (eval_metrics.json).
     for variant, name in study.LM_VARIANTS.items():
-        for k in ("1", "2", "4"):
+        for k in ("1", "4"):
             want = [json.loads((work / "hyperrouter" / "runs" / variant / f"seed{s}" / "test"
                                 / "eval_metrics.json").read_text())["active_k"][k]
                     ["bits_per_token"] for s in (0, 1)]
@@ -224,6 +228,7 @@ def _no_network(name, *a, **k):
     raise cache_lib.FetchError("no network here")
 
 
+@needs_matplotlib
 def test_hypermoe_study_aggregates_its_runs(tmp_path, monkeypatch):
     """The HyperMoE study's tables and claims from its runs (the runs themselves stubbed here:
     the trainer path is the one the HyperRouter test above runs, plus fine-tuning)."""
