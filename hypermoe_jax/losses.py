@@ -5,7 +5,8 @@
 * ``loss_normalizing_factor_and_weights``: T5X's loss normalising factors (a number, or
   ``NUM_REAL_TARGET_TOKENS`` / ``NUM_TOTAL_TARGET_TOKENS`` / ``AVERAGE_PER_SEQUENCE``);
 * ``moe_losses_and_metrics``: the load-balance and router z-losses of all MoE layers averaged over
-  layers, and the per-layer routing metrics as ``moe/<stack>/layer_<i>/<name>``;
+  layers (or pooled per stack and summed, as Hugging Face), and the per-layer routing metrics as
+  ``moe/<stack>/layer_<i>/<name>``;
 * ``as_clu_metrics``: metrics in the form upstream T5X trainers merge.
 """
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypermoe_jax.layers.moe_layer import MoeAux
+from hypermoe_jax.layers.routing import balance_loss_from_statistics
 
 Array = jax.Array
 NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
@@ -80,19 +82,49 @@ def factor_name(factor):
     return name if isinstance(name, str) and not isinstance(factor, str) else factor
 
 
+ROUTER_LOSS_POOLINGS = ("layer_mean", "hf")
+
+
+def _pooled_hf_losses(aux: Mapping[str, MoeAux | None],
+                      sparse_steps: Mapping[str, int | None]) -> tuple[Array, Array]:
+    """Hugging Face ``SwitchTransformers``' router losses: per stack, the load-balance loss of
+    the statistics pooled over all its MoE layers (each sequence's tokens of every layer form one
+    group) and the z-loss over all its layers' tokens; summed over the stacks. As HF does, a stack
+    whose sparse step is 1 (every block sparse) adds no router loss."""
+    lb = z = jnp.zeros((), jnp.float32)
+    for stack, a in aux.items():
+        if a is None or not (sparse_steps.get(stack) or 0) > 1:
+            continue
+        frac, prob, has_tokens = a.balance_stats  # [P, G, E], [P, G, E], [P, G]
+        lb = lb + balance_loss_from_statistics(jnp.mean(frac, 0), jnp.mean(prob, 0),
+                                               jnp.max(has_tokens, 0))
+        z = z + jnp.mean(a.z_loss)
+    return lb, z
+
+
 def moe_losses_and_metrics(
     aux: Mapping[str, MoeAux | None],
     layer_indices: Mapping[str, list[int]],
+    *,
+    pooling: str = "layer_mean",
+    sparse_steps: Mapping[str, int | None] | None = None,
 ) -> tuple[Array, Array, dict[str, Array]]:
-    """Averages the aux losses over all MoE layers and flattens per-layer metrics.
+    """The router losses of all MoE layers and the per-layer metrics.
 
     Args:
       aux: stack name -> ``MoeAux`` stacked over that stack's MoE layers ([P, ...]) or None.
       layer_indices: stack name -> block index of each MoE layer.
+      pooling: ``layer_mean`` -- each loss averaged over all MoE layers of both stacks (T5X) |
+        ``hf`` -- as Hugging Face: per stack, pooled over its layers, summed over the stacks
+        (``_pooled_hf_losses``; needs ``sparse_steps``).
+      sparse_steps: stack name -> sparse step (``hf`` pooling).
 
     Returns:
       ``(load_balance_loss, router_z_loss, metrics)``; the losses are 0 for a dense model.
     """
+    if pooling not in ROUTER_LOSS_POOLINGS:
+        raise ValueError(f"Unknown router loss pooling {pooling!r}; use one of "
+                         f"{ROUTER_LOSS_POOLINGS}.")
     lbs, zs, metrics = [], [], {}
     for stack, a in aux.items():
         if a is None:
@@ -108,8 +140,11 @@ def moe_losses_and_metrics(
     if not lbs:
         zero = jnp.zeros((), jnp.float32)
         return zero, zero, metrics
-    lb = jnp.mean(jnp.concatenate(lbs))
-    z = jnp.mean(jnp.concatenate(zs))
+    if pooling == "hf":
+        lb, z = _pooled_hf_losses(aux, sparse_steps or {})
+    else:
+        lb = jnp.mean(jnp.concatenate(lbs))
+        z = jnp.mean(jnp.concatenate(zs))
     for name in ("dropped_fraction", "router_entropy", "router_confidence"):
         values = [v for k, v in metrics.items() if k.endswith("/" + name)]
         metrics[f"moe/{name}"] = jnp.mean(jnp.stack(values))

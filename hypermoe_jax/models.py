@@ -32,7 +32,8 @@ decoding use ``eval_active_k``
 (None = all ``num_selected``), or the ``active_k`` keyword of each call (any-k inference).
 
 MoE aux losses (``losses``): the load-balance and router z-losses of all MoE layers (both stacks)
-are averaged over layers, scaled by ``aux_loss_factor`` (0.01) and ``router_z_loss_factor``
+are averaged over layers (``router_loss_pooling='hf'``: pooled per stack and summed, as Hugging
+Face), scaled by ``aux_loss_factor`` (0.01) and ``router_z_loss_factor``
 (0.001), and added to the loss. Per-layer routing metrics are reported as
 ``moe/<stack>/layer_<i>/<name>`` with i the block index within the stack.
 """
@@ -100,6 +101,10 @@ class BaseTransformerModel:
         the token loss and the MoE aux losses on the same scale) / ``NUM_TOTAL_TARGET_TOKENS`` /
         ``AVERAGE_PER_SEQUENCE``.
       aux_loss_factor / router_z_loss_factor: weights of the MoE aux losses.
+      router_loss_pooling: ``layer_mean`` -- each router loss averaged over all MoE layers of
+        both stacks | ``hf`` -- as Hugging Face ``SwitchTransformers``: per stack, pooled over
+        its MoE layers, summed over the stacks; a stack whose sparse step is 1 adds none
+        (``losses.moe_losses_and_metrics``).
       k_schedule: SMoE-Dropout's growing k (training); None = all ``num_selected``.
       eval_active_k: experts per token in eval / scoring / decoding (None = all).
       default_decoder_params: default keyword arguments of ``decode_fn``.
@@ -121,6 +126,7 @@ class BaseTransformerModel:
         loss_normalizing_factor: float | str | None = losses.NUM_REAL_TARGET_TOKENS,
         aux_loss_factor: float = 0.01,
         router_z_loss_factor: float = 0.001,
+        router_loss_pooling: str = "layer_mean",
         k_schedule: KSchedule | None = None,
         eval_active_k: int | None = None,
         default_decoder_params: Mapping[str, Any] | None = None,
@@ -146,6 +152,10 @@ class BaseTransformerModel:
         self.loss_normalizing_factor = loss_normalizing_factor
         self.aux_loss_factor = aux_loss_factor
         self.router_z_loss_factor = router_z_loss_factor
+        if router_loss_pooling not in losses.ROUTER_LOSS_POOLINGS:
+            raise ValueError(f"Unknown router_loss_pooling {router_loss_pooling!r}; use one of "
+                             f"{losses.ROUTER_LOSS_POOLINGS}.")
+        self.router_loss_pooling = router_loss_pooling
         self.k_schedule = k_schedule
         self.eval_active_k = eval_active_k
         self.default_decoder_params = dict(default_decoder_params or {})
@@ -228,6 +238,15 @@ class BaseTransformerModel:
 
     # -- losses -----------------------------------------------------------------------------
 
+    def _moe_losses_and_metrics(self, aux):
+        """``losses.moe_losses_and_metrics`` of this model's stacks (``router_loss_pooling``)."""
+        placement = self.config.sparse_placement
+        layer_indices = {name: arch.sparse_layer_indices(n, step, placement)
+                         for name, (n, step) in self._stacks().items()}
+        return losses.moe_losses_and_metrics(
+            aux, layer_indices, pooling=self.router_loss_pooling,
+            sparse_steps={name: step for name, (_, step) in self._stacks().items()})
+
     def _compute_logits(self, params, batch, dropout_rng=None, *, flax_mutables=None,
                         active_k=None):
         args, kwargs = self._module_inputs(batch)
@@ -257,11 +276,7 @@ class BaseTransformerModel:
         if factor is not None:
             loss = loss / factor
             z_loss = z_loss / factor
-        layer_indices = {
-            name: arch.sparse_layer_indices(n, step)
-            for name, (n, step) in self._stacks().items()
-        }
-        lb, rz, moe_metrics = losses.moe_losses_and_metrics(aux, layer_indices)
+        lb, rz, moe_metrics = self._moe_losses_and_metrics(aux)
         total = loss + self.aux_loss_factor * lb + self.router_z_loss_factor * rz
         num_tokens = jnp.sum(batch["decoder_target_tokens"] > 0).astype(jnp.float32)
         weight_sum = jnp.sum(weights)
@@ -357,11 +372,7 @@ class BaseTransformerModel:
         scores = jnp.sum(token_scores, axis=-1)
         if not return_intermediates:
             return scores
-        layer_indices = {
-            name: arch.sparse_layer_indices(n, step)
-            for name, (n, step) in self._stacks().items()
-        }
-        _, _, moe_metrics = losses.moe_losses_and_metrics(aux, layer_indices)
+        _, _, moe_metrics = self._moe_losses_and_metrics(aux)
         return scores, {"token_scores": token_scores, "moe_metrics": moe_metrics}
 
     # -- decoding ---------------------------------------------------------------------------

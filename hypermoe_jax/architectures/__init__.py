@@ -23,13 +23,16 @@ from hypermoe_jax.architectures.config import (
     JITTER,
     PARAMS,
     RNG_STREAMS,
+    StackLayout,
     TransformerConfig,
     sparse_layer_indices,
+    stack_layout,
 )
 from hypermoe_jax.architectures.decoder_only import DecoderOnly
 from hypermoe_jax.architectures.encoder_decoder import EncoderDecoder
 
 __all__ = [
     "CACHE", "DROPOUT", "FROZEN", "INTERMEDIATES", "JITTER", "PARAMS", "RNG_STREAMS",
-    "DecoderOnly", "EncoderDecoder", "TransformerConfig", "sparse_layer_indices",
+    "DecoderOnly", "EncoderDecoder", "StackLayout", "TransformerConfig", "sparse_layer_indices",
+    "stack_layout",
 ]

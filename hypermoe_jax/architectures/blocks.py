@@ -1,8 +1,9 @@
 """Transformer blocks: RMSNorm, the dense MLP, one pre-norm block, and the scanned period.
 
 A ``Block`` is self-attention, (cross-attention) and a dense ``MlpBlock`` or a sparse MLP
-(``layers.variants.SparseMlp`` with the stack's ``MoeConfig``). A ``Period`` is
-``sparse_step - 1`` dense blocks and one sparse block: the unit ``nn.scan`` repeats.
+(``layers.variants.SparseMlp`` with the stack's ``MoeConfig``). A ``Period`` is the blocks of one
+period of a ``config.StackLayout`` (e.g. ``sparse_step - 1`` dense blocks and one sparse block):
+the unit ``nn.scan`` repeats.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flax import linen as nn
 
 from hypermoe_jax import partitioning as part
 from hypermoe_jax.architectures.attention import MultiHeadAttention
-from hypermoe_jax.architectures.config import TransformerConfig, default_kernel_init, is_sparse
+from hypermoe_jax.architectures.config import TransformerConfig, default_kernel_init
 from hypermoe_jax.layers import checkpoint_names as names
 from hypermoe_jax.layers.experts import activation_fn
 from hypermoe_jax.layers.variants import MoeConfig, SparseMlp
@@ -102,7 +103,7 @@ def block_moe_config(moe: MoeConfig, *, encoder: bool, decode_step: bool, batch:
     if decode_step:
         shards = part.mesh_axis_size(mesh, part.TOKEN_SHARDS)
         group_size = batch // shards if batch % shards == 0 else batch
-        dispatch = dataclasses.replace(moe.dispatch, group_size=group_size,
+        dispatch = dataclasses.replace(moe.dispatch, group_size=group_size, expert_capacity=None,
                                        min_capacity=max(moe.dispatch.min_capacity, group_size))
         moe = dataclasses.replace(moe, dispatch=dispatch)
     return moe
@@ -173,11 +174,13 @@ class Block(nn.Module):
 
 
 class Period(nn.Module):
-    """``sparse_step - 1`` dense blocks then one sparse block (or one dense block): the unit that
-    ``nn.scan`` repeats. Returns ``(x, MoeAux | None)``."""
+    """Blocks in the order of ``pattern`` (True = sparse): the unit that ``nn.scan`` repeats
+    (``config.StackLayout``), also used for a stack's unscanned tail. Dense blocks are named
+    ``dense_0, dense_1, ...`` in order, the (at most one) sparse block ``sparse``. Returns
+    ``(x, MoeAux | None)``."""
 
     config: TransformerConfig
-    sparse_step: int | None
+    pattern: tuple[bool, ...]
     cross_attention: bool = False
     encoder: bool = False
     deterministic: bool = True
@@ -186,14 +189,18 @@ class Period(nn.Module):
     @nn.compact
     def __call__(self, x, hyper_inputs, self_mask, self_bias, encoded, cross_mask, padding_mask,
                  active_k, decode_index):
+        if sum(self.pattern) > 1:
+            raise ValueError(f"A period holds at most one sparse block, got {self.pattern}.")
         block = functools.partial(
             Block, config=self.config, cross_attention=self.cross_attention, encoder=self.encoder,
             deterministic=self.deterministic, decode=self.decode,
         )
         args = (self_mask, self_bias, encoded, cross_mask, padding_mask, active_k, decode_index)
-        if not is_sparse(self.sparse_step):
-            x, _ = block(sparse=False, name="dense_0")(x, None, *args)
-            return x, None
-        for i in range(self.sparse_step - 1):
-            x, _ = block(sparse=False, name=f"dense_{i}")(x, None, *args)
-        return block(sparse=True, name="sparse")(x, hyper_inputs, *args)
+        aux, dense = None, 0
+        for sparse in self.pattern:
+            if sparse:
+                x, aux = block(sparse=True, name="sparse")(x, hyper_inputs, *args)
+            else:
+                x, _ = block(sparse=False, name=f"dense_{dense}")(x, None, *args)
+                dense += 1
+        return x, aux

@@ -1,11 +1,19 @@
 """``TransformerConfig``: sizes and options of a T5-style encoder-decoder or decoder-only stack,
 and the names of the variable collections and rng streams the architectures use.
 
-Sparse layers: every ``sparse_step``-th block of a stack is sparse (blocks s-1, 2s-1, ...) and
-uses ``TransformerConfig.moe`` (a ``layers.variants.MoeConfig``, shared by every MoE layer of both
-stacks). The layers of a stack are grouped into P periods of ``sparse_step`` blocks --
-``sparse_step - 1`` dense blocks and one sparse block -- and the period is what ``nn.scan``
-repeats (``sparse_step`` 0 / None: a period is one dense block).
+Sparse layers: every ``sparse_step``-th block of a stack is sparse and uses
+``TransformerConfig.moe`` (a ``layers.variants.MoeConfig``, shared by every MoE layer of both
+stacks). Where the sparse blocks sit is ``sparse_placement``:
+
+* ``last`` (default, T5X / flaxformer): blocks s-1, 2s-1, ... -- the last block of every period of
+  s blocks; the number of layers must be a multiple of s;
+* ``hf`` (Hugging Face ``SwitchTransformers``): blocks i with ``i % s == 1`` (every block when
+  s = 1); any number of layers.
+
+``stack_layout`` turns (layers, step, placement) into a ``StackLayout``: P periods of identical
+blocks -- what ``nn.scan`` repeats -- and the tail of blocks left after the last whole period
+(applied unscanned; only ``hf`` placement has one). ``sparse_step`` 0 / None: every block dense, a
+period is one dense block.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ from hypermoe_jax.layers.variants import MoeConfig
 RematPolicy = str
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # the presets
 REMAT_NAMED_TERMS = ("save", "recompute")  # the ``<term>:<names>`` forms
+# Where a stack's sparse blocks sit (``TransformerConfig.sparse_placement``).
+SPARSE_PLACEMENTS = ("last", "hf")
+# What padding tokens do (``TransformerConfig.padding_semantics``).
+PADDING_SEMANTICS = ("t5x", "hf")
 
 # Variable collections: ``params`` (trained), ``frozen`` (saved, never trained: HyperRouter's
 # hypernetwork, SMoE-Dropout's router), ``cache`` (decoding; transient).
@@ -56,8 +68,15 @@ default_embed_init = nn.initializers.normal(stddev=1.0)
 class TransformerConfig:
     """Sizes and options of a T5-style transformer (encoder-decoder or decoder-only).
 
-    ``encoder_sparse_step`` / ``decoder_sparse_step``: every s-th block of the stack is sparse
-    (blocks s-1, 2s-1, ...); 0 or None = all dense; the number of layers must be a multiple of s.
+    ``encoder_sparse_step`` / ``decoder_sparse_step``: every s-th block of the stack is sparse;
+    0 or None = all dense. ``sparse_placement``: ``last`` -- blocks s-1, 2s-1, ... (the number of
+    layers must be a multiple of s) | ``hf`` -- blocks i with ``i % s == 1``, every block for s = 1
+    (Hugging Face ``SwitchTransformers``; any number of layers).
+    ``padding_semantics``: ``t5x`` -- padding (token id 0) is never routed to an expert, takes no
+    capacity and counts in no router loss, and padded positions are masked as queries and keys |
+    ``hf`` -- as Hugging Face: every position is routed like a real token (padding takes capacity
+    and counts in the router losses) and only padded encoder keys are masked (decoder
+    self-attention is causal only, unless segment ids are given).
     ``moe``: the MoE layers (their experts' unset ``hidden_dim`` / ``activation`` are taken from
     ``mlp_dim`` / ``activation``).
     ``remat_policy`` (per scanned period): ``none`` | ``full`` (save nothing, recompute the
@@ -83,6 +102,8 @@ class TransformerConfig:
     layer_norm_epsilon: float = 1e-6
     encoder_sparse_step: int | None = None
     decoder_sparse_step: int | None = None
+    sparse_placement: str = "last"
+    padding_semantics: str = "t5x"
     moe: MoeConfig | None = None
     scan_layers: bool = True
     remat_policy: RematPolicy = "none"
@@ -92,6 +113,15 @@ class TransformerConfig:
 
     def __post_init__(self):
         parse_remat_policy(self.remat_policy)  # raises a ValueError that says what is wrong
+        for name, value, options in (("sparse_placement", self.sparse_placement,
+                                      SPARSE_PLACEMENTS),
+                                     ("padding_semantics", self.padding_semantics,
+                                      PADDING_SEMANTICS)):
+            if value not in options:
+                raise ValueError(f"TransformerConfig.{name} must be one of {options}, got "
+                                 f"{value!r}{_did_you_mean(str(value), options)}.")
+        stack_layout(self.num_encoder_layers, self.encoder_sparse_step, self.sparse_placement)
+        stack_layout(self.num_decoder_layers, self.decoder_sparse_step, self.sparse_placement)
         if is_sparse(self.encoder_sparse_step) or is_sparse(self.decoder_sparse_step):
             if self.moe is None:
                 raise ValueError(
@@ -107,24 +137,71 @@ def is_sparse(step: int | None) -> bool:
     return bool(step) and step > 0
 
 
-def num_periods(num_layers: int, sparse_step: int | None) -> int:
-    """Scan length P of a stack (= its number of MoE layers when it is sparse)."""
+@dataclasses.dataclass(frozen=True)
+class StackLayout:
+    """The blocks of a stack: ``periods`` repetitions of ``pattern`` (scanned), then ``tail``.
+
+    ``pattern`` / ``tail``: one flag per block, True for a sparse (MoE) block; a pattern has at
+    most one sparse block, so the MoE layers of the periods are numbered by period.
+    """
+
+    pattern: tuple[bool, ...]
+    periods: int
+    tail: tuple[bool, ...] = ()
+
+    @property
+    def blocks(self) -> tuple[bool, ...]:
+        return self.pattern * self.periods + self.tail
+
+    @property
+    def sparse_indices(self) -> list[int]:
+        """Block indices (0-based) of the MoE layers, in order."""
+        return [i for i, sparse in enumerate(self.blocks) if sparse]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.blocks)
+
+    @property
+    def moe_layers_in_periods(self) -> int:
+        return self.periods * sum(self.pattern)
+
+
+def stack_layout(num_layers: int, sparse_step: int | None,
+                 placement: str = "last") -> StackLayout:
+    """The ``StackLayout`` of a stack of ``num_layers`` blocks with a sparse block every
+    ``sparse_step`` (``placement``: ``last`` | ``hf``, see the module docstring)."""
     if not is_sparse(sparse_step):
-        return num_layers
-    if num_layers % sparse_step:
+        return StackLayout((False,), num_layers)
+    s = sparse_step
+    if placement == "hf":
+        if s == 1:
+            return StackLayout((True,), num_layers)
+        pattern = (False, True) + (False,) * (s - 2)  # block i is sparse when i % s == 1
+        periods = num_layers // s
+        return StackLayout(pattern, periods, pattern[:num_layers - periods * s])
+    if placement != "last":
+        raise ValueError(f"Unknown sparse_placement {placement!r}; use one of "
+                         f"{SPARSE_PLACEMENTS}.")
+    if num_layers % s:
         raise ValueError(
-            f"{num_layers} layers cannot be split into periods of sparse_step={sparse_step} "
+            f"{num_layers} layers cannot be split into periods of sparse_step={s} "
             f"(sparse_step-1 dense blocks + 1 sparse block); choose a sparse_step that divides "
-            f"the number of layers."
+            f"the number of layers, or sparse_placement='hf' (blocks i % sparse_step == 1, any "
+            f"number of layers)."
         )
-    return num_layers // sparse_step
+    return StackLayout((False,) * (s - 1) + (True,), num_layers // s)
 
 
-def sparse_layer_indices(num_layers: int, sparse_step: int | None) -> list[int]:
+def num_periods(num_layers: int, sparse_step: int | None, placement: str = "last") -> int:
+    """Scan length P of a stack."""
+    return stack_layout(num_layers, sparse_step, placement).periods
+
+
+def sparse_layer_indices(num_layers: int, sparse_step: int | None,
+                         placement: str = "last") -> list[int]:
     """Block indices (0-based) of the MoE layers of a stack, in order."""
-    if not is_sparse(sparse_step):
-        return []
-    return [p * sparse_step + sparse_step - 1 for p in range(num_periods(num_layers, sparse_step))]
+    return stack_layout(num_layers, sparse_step, placement).sparse_indices
 
 
 def _did_you_mean(word: str, options) -> str:

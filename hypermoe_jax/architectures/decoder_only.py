@@ -5,6 +5,7 @@ Uses ``num_decoder_layers`` and ``decoder_sparse_step`` of the ``TransformerConf
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import linen as nn
 
 from hypermoe_jax.architectures.attention import decoder_self_mask
@@ -37,8 +38,13 @@ class DecoderOnly(nn.Module):
             targets = decoder_target_tokens
             if targets is None:
                 targets = decoder_input_tokens
-            self_mask = decoder_self_mask(targets, decoder_segment_ids, decoder_causal_attention)
-            padding_mask = targets > 0 if decoder_segment_ids is None else decoder_segment_ids > 0
+            valid = targets > 0
+            if self.config.padding_semantics == "hf":  # causal only, every position routed
+                valid = jnp.ones_like(valid)
+            self_mask = decoder_self_mask(valid, decoder_segment_ids, decoder_causal_attention)
+            padding_mask = valid if decoder_segment_ids is None else decoder_segment_ids > 0
+            if self.config.padding_semantics == "hf":
+                padding_mask = None
         y = self.token_embedder(decoder_input_tokens)
         y, aux = self.decoder(
             y, self_mask=self_mask, positions=decoder_positions, padding_mask=padding_mask,

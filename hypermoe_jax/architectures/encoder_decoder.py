@@ -39,17 +39,21 @@ class EncoderDecoder(nn.Module):
 
     def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None, *,
                enable_dropout: bool = True, active_k=None):
+        hf = self.config.padding_semantics == "hf"
         valid = encoder_input_tokens > 0
-        mask = attention_mask(valid, valid, encoder_segment_ids, encoder_segment_ids)
+        # HF padding semantics: padded positions are queries and routed tokens like real ones.
+        queries = jnp.ones_like(valid) if hf else valid
+        mask = attention_mask(queries, valid, encoder_segment_ids, encoder_segment_ids)
         x = self.token_embedder(encoder_input_tokens)
         return self.encoder(
-            x, self_mask=mask, positions=encoder_positions, padding_mask=valid,
+            x, self_mask=mask, positions=encoder_positions, padding_mask=None if hf else valid,
             deterministic=not enable_dropout, active_k=active_k,
         )
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
                enable_dropout: bool = True, decode: bool = False, active_k=None):
+        hf = self.config.padding_semantics == "hf"
         enc_valid = encoder_input_tokens > 0
         if decode:
             self_mask = None
@@ -57,12 +61,16 @@ class EncoderDecoder(nn.Module):
             cross_mask = attention_mask(dec_valid, enc_valid)
             padding_mask = None
         else:
-            self_mask = decoder_self_mask(decoder_target_tokens, decoder_segment_ids)
             dec_valid = decoder_target_tokens > 0
+            if hf:  # causal only; padded positions are routed like real tokens
+                dec_valid = jnp.ones_like(dec_valid)
+            self_mask = decoder_self_mask(dec_valid, decoder_segment_ids)
             cross_mask = attention_mask(
                 dec_valid, enc_valid, decoder_segment_ids, encoder_segment_ids
             )
             padding_mask = dec_valid if decoder_segment_ids is None else decoder_segment_ids > 0
+            if hf:
+                padding_mask = None
         y = self.token_embedder(decoder_input_tokens)
         y, aux = self.decoder(
             y, self_mask=self_mask, positions=decoder_positions, encoded=encoded,

@@ -4,11 +4,13 @@ Shapes: B batch, L length, d model dim, P periods (scan length).
 
 A stack is: the relative position bias (one table per stack, computed once per call:
 bidirectional in the encoder, causal in the decoder), the HyperMoE generator (when the MoE layers
-have HyperExperts), the layers -- P periods (``blocks.Period``), scanned or unrolled -- and a final
-RMSNorm with dropout. Parameter tree of the layers:
+have HyperExperts), the layers -- P periods (``blocks.Period``, ``config.StackLayout``), scanned
+or unrolled, then the layout's tail if it has one -- and a final RMSNorm with dropout. Parameter
+tree of the layers:
 
     scanned:   layers/{dense_0, ..., dense_{s-2}, sparse}/...   every leaf with a leading [P] axis
     unrolled:  layers_{p}/{dense_0, ..., sparse}/...            p = 0 .. P-1, no layer axis
+    tail:      tail/{dense_0, sparse, ...}/...                  (``hf`` placement only) no layer axis
 
 ``stack_layers`` / ``unstack_layers`` convert one into the other (any collection).
 
@@ -50,9 +52,8 @@ from hypermoe_jax.architectures.config import (
     JITTER,
     PARAMS,
     TransformerConfig,
-    is_sparse,
-    num_periods,
     parse_remat_policy,
+    stack_layout,
 )
 from hypermoe_jax.layers.hyper_experts import HyperExpertGenerator
 from hypermoe_jax.layers.moe_layer import MoeAux
@@ -99,9 +100,10 @@ class TransformerStack(nn.Module):
     cross_attention: bool = False
 
     def _hyper_inputs(self, num_moe_layers: int) -> Any:
-        """The HyperExperts of every MoE layer of the stack (leading axis P), or None."""
+        """The HyperExperts of every MoE layer of the stack (leading axis: MoE layers), or
+        None."""
         moe = self.config.moe
-        if not is_sparse(self.sparse_step) or not moe.uses_generator:
+        if not num_moe_layers or not moe.uses_generator:
             return None
         return HyperExpertGenerator(
             num_layers=num_moe_layers,
@@ -159,8 +161,7 @@ class TransformerStack(nn.Module):
         padding_mask: [B, L] real tokens for routing."""
         cfg = self.config
         batch, length = x.shape[:2]
-        sparse = is_sparse(self.sparse_step)
-        periods = num_periods(self.num_layers, self.sparse_step)
+        layout = stack_layout(self.num_layers, self.sparse_step, cfg.sparse_placement)
 
         relpos = RelativePositionBias(
             num_buckets=cfg.relative_attention_num_buckets,
@@ -173,7 +174,15 @@ class TransformerStack(nn.Module):
         )
         bias, self_mask, padding_mask, decode_index = self._position_bias(
             relpos, batch, length, positions, self_mask, padding_mask, decode)
-        hyper_inputs = self._hyper_inputs(periods)
+        hyper_inputs = self._hyper_inputs(layout.num_moe_layers)
+        # The periods take the first MoE layers' HyperExperts, a sparse tail block the last one.
+        in_periods = layout.moe_layers_in_periods
+        period_hyper = tail_hyper = None
+        if hyper_inputs is not None:
+            if in_periods:
+                period_hyper = jax.tree.map(lambda a: a[:in_periods], hyper_inputs)
+            if any(layout.tail):
+                tail_hyper = jax.tree.map(lambda a: a[in_periods], hyper_inputs)
 
         x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=cfg.dropout_broadcast_dims)(
             x, deterministic=deterministic
@@ -185,27 +194,42 @@ class TransformerStack(nn.Module):
                 Period, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers
             )
         period_kwargs = dict(
-            config=cfg, sparse_step=self.sparse_step, cross_attention=self.cross_attention,
-            encoder=not self.causal, deterministic=deterministic, decode=decode,
+            config=cfg, cross_attention=self.cross_attention, encoder=not self.causal,
+            deterministic=deterministic, decode=decode,
         )
         args = (self_mask, bias, encoded, cross_mask, padding_mask, active_k, decode_index)
-        if cfg.scan_layers:
+        auxes = []  # MoeAux of the MoE layers, stacked on a leading axis
+        if layout.periods and cfg.scan_layers:
             scanned = nn.scan(
                 period_cls,
                 variable_axes={**{c: 0 for c in _STACKED_COLLECTIONS}, CACHE: 1},
                 split_rngs={"params": True, DROPOUT: True, JITTER: True},
                 in_axes=(0,) + (nn.broadcast,) * len(args),
-                length=periods,
+                length=layout.periods,
                 metadata_params={nn.PARTITION_NAME: part.LAYERS},
             )
-            x, aux = scanned(**period_kwargs, name="layers")(x, hyper_inputs, *args)
-        else:
-            auxes = []
-            for p in range(periods):
-                layer_inputs = jax.tree.map(lambda a, p=p: a[p], hyper_inputs)
-                x, a = period_cls(**period_kwargs, name=f"layers_{p}")(x, layer_inputs, *args)
-                auxes.append(a)
-            aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if sparse else None
+            x, aux = scanned(pattern=layout.pattern, **period_kwargs, name="layers")(
+                x, period_hyper, *args)
+            auxes.append(aux)
+        elif layout.periods:
+            per_period = []
+            for p in range(layout.periods):
+                layer_inputs = jax.tree.map(lambda a, p=p: a[p], period_hyper)
+                x, a = period_cls(pattern=layout.pattern, **period_kwargs, name=f"layers_{p}")(
+                    x, layer_inputs, *args)
+                per_period.append(a)
+            if in_periods:
+                auxes.append(jax.tree.map(lambda *a: jnp.stack(a), *per_period))
+        if layout.tail:
+            x, a = period_cls(pattern=layout.tail, **period_kwargs, name="tail")(
+                x, tail_hyper, *args)
+            if a is not None:
+                auxes.append(jax.tree.map(lambda v: v[None], a))
+        auxes = [a for a in auxes if a is not None]
+        aux = None
+        if auxes:
+            aux = auxes[0] if len(auxes) == 1 else jax.tree.map(
+                lambda *a: jnp.concatenate(a), *auxes)
         x = RmsNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
         x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=cfg.dropout_broadcast_dims)(
             x, deterministic=deterministic

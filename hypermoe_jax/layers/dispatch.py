@@ -55,6 +55,10 @@ class DispatchConfig:
       train_capacity_factor / eval_capacity_factor: capacity ``C = max(min_capacity,
         round(cf * k * S / E))`` slots per expert and group, in training / evaluation (> 0).
       min_capacity: lower bound on C.
+      expert_capacity: a fixed C, in training and evaluation, in place of the capacity factors
+        and ``min_capacity`` (Hugging Face ``SwitchTransformers``' ``expert_capacity``: with one
+        group per sequence, C slots per expert and sequence, given in sequence order). None: C
+        from the factors. A decode step (one token per sequence) still drops nothing.
       group_size: tokens per routing group S (None: one group per sequence). B*L must divide into
         groups and, on a mesh, the number of groups must divide over data*expert.
       dropped_token_behavior: ``zero`` -- a token dropped by capacity gets 0 from the layer (the
@@ -75,6 +79,7 @@ class DispatchConfig:
     train_capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
+    expert_capacity: int | None = None
     group_size: int | None = None
     dropped_token_behavior: DroppedTokenBehavior = "zero"
     impl: DispatchImpl = "auto"
@@ -86,6 +91,11 @@ class DispatchConfig:
                 raise ValueError(
                     f"DispatchConfig.{name} must be positive, got {getattr(self, name)}; "
                     "typical values are 1.25 (train) and 2.0 (eval).")
+        if self.expert_capacity is not None and self.expert_capacity < 1:
+            raise ValueError(
+                f"DispatchConfig.expert_capacity must be a positive number of slots per expert "
+                f"and group, or None (capacity from the capacity factors); got "
+                f"{self.expert_capacity}.")
         if self.dropped_token_behavior not in ("zero", "scale_input"):
             raise ValueError(
                 "DispatchConfig.dropped_token_behavior must be 'zero' or 'scale_input', "
@@ -96,11 +106,14 @@ class DispatchConfig:
 
     def capacity(self, group_size: int, num_experts: int, num_selected: int,
                  deterministic: bool) -> int:
-        """Slots per expert and group (``routing.expert_capacity`` at the mode's factor); with
+        """Slots per expert and group (``expert_capacity``, else ``routing.expert_capacity`` at
+        the mode's factor); with
         ``dropless``, S: an expert can take every token of the group, so routing keeps every
         choice (the dropless plan never builds per-slot buffers)."""
         if self.impl == DROPLESS:
             return group_size
+        if self.expert_capacity is not None:
+            return self.expert_capacity
         cf = self.eval_capacity_factor if deterministic else self.train_capacity_factor
         return routing.expert_capacity(group_size, num_experts, num_selected, cf,
                                        self.min_capacity)

@@ -39,6 +39,8 @@ class MoeAux:
       expert_index: <int32>[B, L, K] top-k experts of each token before capacity (HyperMoE's
         unselected sets are derived from it; no gradient flows through it).
       kept: <bool>[B, L, K] whether each choice fitted into its expert's capacity.
+      balance_stats: ``routing.load_balance_statistics`` -- ``(f [G, E], P [G, E],
+        has_tokens [G])`` per token group, for router losses pooled over layers (HF).
     """
 
     load_balance_loss: Array
@@ -46,6 +48,7 @@ class MoeAux:
     metrics: dict[str, Array]
     expert_index: Array
     kept: Array
+    balance_stats: tuple[Array, Array, Array]
 
 
 def static_k(active_k, num_selected: int) -> int:
@@ -165,11 +168,13 @@ class MoeLayer(nn.Module):
             y = y + (dropped * r.gates[..., 0])[..., None] * xg.astype(self.dtype)
         y = part.with_logical_constraint(y, (part.EXPERT_GROUP, part.LENGTH, part.EMBED))
         y = names.checkpoint_name(y, names.MOE_OUT)
+        balance_stats = routing.load_balance_statistics(r)
         aux = MoeAux(
-            load_balance_loss=routing.load_balancing_loss(r),
+            load_balance_loss=routing.balance_loss_from_statistics(*balance_stats),
             z_loss=routing.router_z_loss(r),
             metrics=routing.routing_metrics(r),
             expert_index=r.expert_index.reshape(batch, seq_len, num_selected),
             kept=r.kept.reshape(batch, seq_len, num_selected),
+            balance_stats=balance_stats,
         )
         return y.reshape(batch, seq_len, d_model).astype(x.dtype), aux

@@ -186,13 +186,14 @@ def _masked_mean(x: Array, mask: Array, axis) -> Array:
     return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
-def load_balancing_loss(routing: Routing) -> Array:
-    """Switch load-balance loss ``E * sum_e f_e * P_e``, averaged over groups.
+def load_balance_statistics(routing: Routing) -> tuple[Array, Array, Array]:
+    """Per-group statistics of the Switch load-balance loss: ``(f [G, E], P [G, E], has_tokens
+    [G])``.
 
     ``f_e``: fraction of (real) tokens that chose expert e among their active top-k (before
-    capacity); ``P_e``: mean router probability of expert e over real tokens. Groups without a
-    real token are left out of the average. Equals 1 for a perfectly balanced top-1 router (k for
-    top-k, since each token counts once for each of its k experts).
+    capacity); ``P_e``: mean router probability of expert e over real tokens; ``has_tokens``:
+    whether the group holds a real token. ``load_balancing_loss`` combines them per layer;
+    ``losses.moe_losses_and_metrics`` can pool them over the layers of a stack first (HF).
     """
     num_experts = routing.router_probs.shape[-1]
     chose = jax.nn.one_hot(routing.expert_index, num_experts) * routing.active[..., None]
@@ -200,9 +201,22 @@ def load_balancing_loss(routing: Routing) -> Array:
     mask = routing.token_mask[..., None]
     frac = _masked_mean(chose, mask, axis=1)  # [G, E]
     prob = _masked_mean(routing.router_probs, mask, axis=1)  # [G, E]
-    per_group = num_experts * jnp.sum(frac * prob, axis=-1)  # [G]
-    has_tokens = jnp.max(routing.token_mask, axis=-1)  # [G]
+    return frac, prob, jnp.max(routing.token_mask, axis=-1)
+
+
+def balance_loss_from_statistics(frac: Array, prob: Array, has_tokens: Array) -> Array:
+    """``E * sum_e f_e * P_e`` per group, averaged over the groups that hold a real token."""
+    per_group = frac.shape[-1] * jnp.sum(frac * prob, axis=-1)  # [G]
     return _masked_mean(per_group, has_tokens, axis=0)
+
+
+def load_balancing_loss(routing: Routing) -> Array:
+    """Switch load-balance loss ``E * sum_e f_e * P_e``, averaged over groups
+    (``load_balance_statistics``). Groups without a real token are left out of the average.
+    Equals 1 for a perfectly balanced top-1 router (k for top-k, since each token counts once
+    for each of its k experts).
+    """
+    return balance_loss_from_statistics(*load_balance_statistics(routing))
 
 
 def router_z_loss(routing: Routing) -> Array:
