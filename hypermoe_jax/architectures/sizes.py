@@ -94,14 +94,19 @@ def sparse_t5(
     *,
     sparse_step: int = 2,
     tied_embeddings: bool = True,
+    encoder_sparse_step: int | None = None,
+    decoder_sparse_step: int | None = None,
     **t5_overrides: Any,
 ) -> TransformerConfig:
     """T5 v1.1 dims with an MoE layer (``moe``; default: Switch, 8 experts) in every
-    ``sparse_step``-th block of both stacks."""
+    ``sparse_step``-th block of both stacks (``encoder_sparse_step`` / ``decoder_sparse_step``:
+    one stack's own step; 0 = all dense)."""
     t5_overrides.setdefault("logits_via_embedding", tied_embeddings)
     return t5_1_1(
-        size, moe=moe or moe_config("switch"), encoder_sparse_step=sparse_step,
-        decoder_sparse_step=sparse_step, **t5_overrides,
+        size, moe=moe or moe_config("switch"),
+        encoder_sparse_step=sparse_step if encoder_sparse_step is None else encoder_sparse_step,
+        decoder_sparse_step=sparse_step if decoder_sparse_step is None else decoder_sparse_step,
+        **t5_overrides,
     )
 
 

@@ -1,4 +1,5 @@
-"""Writes the Hugging Face Switch Transformers goldens in ``tests/goldens/hf_switch/``.
+"""Writes the Hugging Face Switch Transformers goldens in ``tests/goldens/hf_switch/`` (and
+dense T5 ones in ``tests/goldens/hf_t5/``).
 
 Run by hand, with ``torch`` and ``transformers`` installed (CPU is enough; nothing is downloaded:
 the models are random and small)::
@@ -23,9 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+from transformers import (
+    SwitchTransformersConfig,
+    SwitchTransformersForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 OUT = Path(__file__).resolve().parent / "hf_switch"
+OUT_T5 = Path(__file__).resolve().parent / "hf_t5"
+# Dense T5: v1.1 (gated-GELU, untied output layer) and the original T5 (ReLU, tied).
+T5_CASES = {
+    "t5_v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, seed=4),
+    "t5": dict(feed_forward_proj="relu", tie_word_embeddings=True, seed=5),
+}
 BASE = dict(vocab_size=96, d_model=32, d_kv=16, d_ff=64, num_heads=2, num_experts=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=16,
             dropout_rate=0.0, router_jitter_noise=0.0, decoder_start_token_id=0, pad_token_id=0,
@@ -111,10 +123,37 @@ def make_case(name: str, spec: dict) -> None:
           f"loss {scalar(out.loss):.4f}")
 
 
+def make_t5_case(name: str, spec: dict) -> None:
+    spec = dict(spec)
+    seed = spec.pop("seed")
+    torch.manual_seed(seed)
+    base = {k: v for k, v in BASE.items() if k != "num_experts" and "router" not in k}
+    config = T5Config(**base, num_layers=3, num_decoder_layers=2, **spec)
+    model = T5ForConditionalGeneration(config).eval()
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(2, BASE["vocab_size"], (BATCH, ENC_LEN))
+    labels = rng.integers(2, BASE["vocab_size"], (BATCH, DEC_LEN))
+    attention_mask = np.ones_like(input_ids)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask),
+                    labels=torch.tensor(labels))
+    target = OUT_T5 / name
+    if target.exists():
+        shutil.rmtree(target)
+    model.save_pretrained(target, safe_serialization=True)
+    np.savez_compressed(target / "goldens.npz", input_ids=input_ids, labels=labels,
+                        attention_mask=attention_mask, logits=out.logits.numpy(),
+                        loss=float(out.loss.item()))
+    print(f"{name}: loss {float(out.loss.item()):.4f}")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name, spec in CASES.items():
         make_case(name, spec)
+    OUT_T5.mkdir(parents=True, exist_ok=True)
+    for name, spec in T5_CASES.items():
+        make_t5_case(name, spec)
     (OUT / "versions.json").write_text(json.dumps(
         {"torch": torch.__version__, "transformers": transformers.__version__,
          "numpy": np.__version__}, indent=2) + "\n")
