@@ -39,6 +39,17 @@ def _batch(g):
             "decoder_loss_weights": (labels >= 0).astype(np.float32)}
 
 
+def _forward(model, params, batch):
+    """``model.forward`` (eval: no dropout) under jit: ``(loss, metrics, logits)``."""
+    return jax.jit(lambda p, b: model.forward(p, b, None))(params, batch)
+
+
+def _init(model, batch, seed=0):
+    shapes = {k: v.shape for k, v in batch.items()}
+    return nn.unbox(jax.jit(lambda r: model.get_initial_variables(r, shapes))(
+        jax.random.PRNGKey(seed)))
+
+
 def _convert(folder: Path, **kwargs):
     hf, state, g = _load(folder)
     settings = hf_switch.config_from_hf(hf, **kwargs)
@@ -59,7 +70,7 @@ def test_switch_logits_losses_and_routing_match_transformers(switch_case):
     name, settings, model, converted, _, g = switch_case
     assert converted.missing == [] and converted.unused == []
     batch = _batch(g)
-    loss, metrics, logits = model.forward(converted.params, batch, None)
+    loss, metrics, logits = _forward(model, converted.params, batch)
     np.testing.assert_allclose(np.asarray(logits), g["logits"], atol=1e-4, rtol=0)
     # HF's loss: mean cross entropy + 0.001 * (z + aux losses of both stacks, each pooled over
     # its sparse layers; none for a stack with sparse step 1).
@@ -70,9 +81,9 @@ def test_switch_logits_losses_and_routing_match_transformers(switch_case):
                                g["encoder_z_loss"] + g["decoder_z_loss"], rtol=1e-5)
     np.testing.assert_allclose(float(loss), g["loss"], rtol=1e-5)
 
-    _, aux = model.module.apply({"params": converted.params}, batch["encoder_input_tokens"],
-                                batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                                enable_dropout=False)
+    _, aux = jax.jit(lambda p, b: model.module.apply(
+        {"params": p}, b["encoder_input_tokens"], b["decoder_input_tokens"],
+        b["decoder_target_tokens"], enable_dropout=False))(converted.params, batch)
     layers = hf_switch.hf_router_layers(settings.transformer)
     assert sorted(layers) == sorted(str(x) for x in g["router_layers"])
     dropped = 0
@@ -122,8 +133,8 @@ def test_unrolled_layers_give_the_same_model():
     _, scanned_model, scanned, _, g = _convert(folder)
     _, unrolled_model, unrolled, _, _ = _convert(folder, scan_layers=False)
     assert "tail" in scanned.params["encoder"] and "layers_0" in unrolled.params["encoder"]
-    a = scanned_model.forward(scanned.params, _batch(g), None)[2]
-    b = unrolled_model.forward(unrolled.params, _batch(g), None)[2]
+    a = _forward(scanned_model, scanned.params, _batch(g))[2]
+    b = _forward(unrolled_model, unrolled.params, _batch(g))[2]
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     np.testing.assert_allclose(np.asarray(b), g["logits"], atol=1e-4)
 
@@ -134,7 +145,7 @@ def test_dense_t5_matches_transformers(name):
     assert settings.transformer.moe is None and converted.missing == []
     # transformers >= 5 writes T5 v1.1 as tied without logit scaling: an untied output layer here.
     assert settings.transformer.logits_via_embedding == (name == "t5")
-    loss, _, logits = model.forward(converted.params, _batch(g), None)
+    loss, _, logits = _forward(model, converted.params, _batch(g))
     np.testing.assert_allclose(np.asarray(logits), g["logits"], atol=1e-4, rtol=1e-6)
     np.testing.assert_allclose(float(loss), g["loss"], rtol=1e-5)
 
@@ -149,14 +160,16 @@ def test_variants_start_from_switch_weights():
     assert all("router" in m for m in router_params.missing)
     # Fine-tuning starts: the missing variables from their initialisation, the rest from HF.
     for model, converted in ((hyper, hyper_params), (router, router_params)):
-        init = jax.tree.map(np.asarray, nn.unbox(model.get_initial_variables(
-            jax.random.PRNGKey(1), {k: v.shape for k, v in _batch(g).items()})))
-        flat_init = hf_switch._flatten(init["params"])
-        params = hf_switch._unflatten({**flat_init, **hf_switch._flatten(converted.params)})
-        loss, grads = jax.value_and_grad(lambda p, m=model, i=init: m.loss_fn(
-            p, _batch(g), jax.random.PRNGKey(2), flax_mutables={k: v for k, v in i.items()
-                                                                if k != "params"},
-            step=0)[0])(params)
+        init = _init(model, _batch(g), seed=1)
+        params = hf_switch._unflatten({**hf_switch._flatten(init["params"]),
+                                       **hf_switch._flatten(converted.params)})
+        mutables = {k: v for k, v in init.items() if k != "params"}
+
+        def loss_fn(p, m=model, mutables=mutables):
+            return m.loss_fn(p, _batch(g), jax.random.PRNGKey(2), flax_mutables=mutables,
+                             step=0)[0]
+
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
         assert np.isfinite(float(loss))
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
 
@@ -165,7 +178,7 @@ def test_scale_input_dropped_tokens_are_reachable():
     folder = GOLDENS / "hf_switch" / "capacity_drop"
     settings, model, converted, _, g = _convert(folder, dropped_token_behavior="scale_input")
     assert settings.transformer.moe.dispatch.dropped_token_behavior == "scale_input"
-    logits = np.asarray(model.forward(converted.params, _batch(g), None)[2])
+    logits = np.asarray(_forward(model, converted.params, _batch(g))[2])
     # transformers 5 gives a dropped token 0, so only scale_input's dropped tokens change it.
     assert np.abs(logits - g["logits"]).max() > 1e-2
 
@@ -183,7 +196,7 @@ def test_cli_convert_finetune_gin_and_back_to_hf(tmp_path):
     params, _, missing = checkpoints.restore_params(dest / "checkpoint", abstract["params"])
     assert missing == []
     g = dict(np.load(folder / "goldens.npz"))
-    logits = model.forward(params, _batch(g), None)[2]
+    logits = _forward(model, params, _batch(g))[2]
     np.testing.assert_allclose(np.asarray(logits), g["logits"], atol=1e-4)
     # ... and goes back to an identical Hugging Face folder.
     hf_dest = tmp_path / "hf"
@@ -209,7 +222,7 @@ def test_hypermoe_cli_gin_allows_missing_and_restores(tmp_path):
     assert "INITIAL_CHECKPOINT_ALLOW_MISSING = True" in (dest / "finetune.gin").read_text()
     model = cli.model_from_gin([str(dest / "model.gin")])
     assert model.config.moe.variant == "hypermoe"
-    init = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), cli._INPUT_SHAPES))
+    init = _init(model, {k: np.zeros(v, np.int32) for k, v in cli._INPUT_SHAPES.items()})
     params, _, missing = checkpoints.restore_params(
         dest / "checkpoint", cli.abstract_variables(model)["params"],
         fallback_params=init["params"])
