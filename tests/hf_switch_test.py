@@ -258,3 +258,35 @@ def test_conversion_errors_say_what_is_wrong(tmp_path):
     cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=no_capacity))
     with pytest.raises(hf_switch.ConversionError, match="expert_capacity"):
         hf_switch.config_to_hf(cfg)
+
+
+def test_upcycle_cli_from_hf_t5_equals_the_dense_model(tmp_path):
+    """HF T5 -> our dense model -> a Switch model upcycled from it: with renormalised top-1 gates
+    and no token dropped, the upcycled model's logits are the dense model's at step 0."""
+    folder = GOLDENS / "hf_t5" / "t5"
+    dense_dest, moe_dest = tmp_path / "t5", tmp_path / "switch"
+    assert cli.main(["hf-t5", str(folder), str(dense_dest)]) == 0
+    moe_gin = tmp_path / "switch_on_t5.gin"
+    moe_gin.write_text("\n".join([
+        f"include '{dense_dest / 'model.gin'}'",
+        "from __gin__ import dynamic_registration",
+        "from hypermoe_jax.architectures import sizes",
+        "from hypermoe_jax.layers import routers",
+        "from hypermoe_jax.layers import dispatch",
+        "sizes.sparse_t5.encoder_sparse_step = 2",
+        "sizes.sparse_t5.decoder_sparse_step = 1",
+        "routers.RouterConfig.gate_normalization = 'softmax_topk'",
+        "dispatch.DispatchConfig.impl = 'dropless'"]) + "\n")
+    assert cli.main(["upcycle", str(dense_dest / "checkpoint"), str(moe_dest),
+                     "--dense_gin_file", str(dense_dest / "model.gin"),
+                     "--gin_file", str(moe_gin), "--gin", "NUM_EXPERTS=4"]) == 0
+    record = json.loads((moe_dest / "conversion.json").read_text())
+    assert record["kept_initialisation"] and all(
+        "router" in k for k in record["kept_initialisation"])
+    g = dict(np.load(folder / "goldens.npz"))
+    moe = cli.model_from_gin([str(moe_dest / "model.gin")])
+    assert moe.config.moe.num_experts == 4 and moe.config.encoder_sparse_step == 2
+    params, _, _ = checkpoints.restore_params(moe_dest / "checkpoint",
+                                              cli.abstract_variables(moe)["params"])
+    moe_logits = _forward(moe, params, _batch(g))[2]
+    np.testing.assert_allclose(np.asarray(moe_logits), g["logits"], atol=1e-4)

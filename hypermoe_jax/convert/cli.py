@@ -7,6 +7,9 @@
     python -m hypermoe_jax.convert hf-t5 google/t5-v1_1-base /ckpt/t5_base
     # our Switch model (gin + checkpoint) -> a Hugging Face folder
     python -m hypermoe_jax.convert to-hf --gin_file=DEST/model.gin CHECKPOINT HF_DEST
+    # sparse upcycling: an MoE model (any variant, same dims) from a dense checkpoint
+    python -m hypermoe_jax.convert upcycle /ckpt/t5_base/checkpoint /ckpt/upcycled \
+        --dense_gin_file=/ckpt/t5_base/model.gin --gin_file=MOE_MODEL_GIN
 
 ``DEST`` receives an orbax checkpoint, ``model.gin``, ``finetune.gin`` (fine-tune with
 ``python -m hypermoe_jax.train --gin_file=DEST/finetune.gin ...``), ``t5x_model.gin`` and
@@ -173,6 +176,45 @@ def convert_to_hf(gin_files: Sequence[str], checkpoint: str, dest: str, *,
     return out
 
 
+def upcycle(dense_checkpoint: str, dest: str, *, dense_gin_files: Sequence[str],
+            gin_files: Sequence[str], bindings: Sequence[str] = (), seed: int = 0,
+            overwrite: bool = False, log=print) -> dict:
+    """Sparse upcycling: the MoE model of ``gin_files`` from the dense model of
+    ``dense_gin_files`` + ``dense_checkpoint`` (``convert.upcycle``), written to ``dest``."""
+    from hypermoe_jax.convert import upcycle as upcycle_lib
+    from hypermoe_jax.training import checkpoints, gin_utils
+
+    dense = model_from_gin(dense_gin_files)
+    params, mutables, _ = checkpoints.restore_params(
+        dense_checkpoint, abstract_variables(dense)["params"])
+    moe = model_from_gin(gin_files, bindings)
+    variables, kept = upcycle_lib.upcycle_model_variables(
+        {"params": params, **mutables}, dense.config, moe, jax.random.PRNGKey(seed))
+    out = checkpoint_files.prepare_destination(dest, overwrite)
+    ckpt = checkpoint_files.save_params(
+        out, variables["params"], {k: v for k, v in variables.items() if k != "params"})
+    lines = [f"# {moe.config.moe.variant if moe.config.moe else 'dense'} model upcycled from "
+             f"{dense_checkpoint} by `python -m hypermoe_jax.convert upcycle`."]
+    lines += [f"include '{Path(f).absolute() if Path(f).exists() else f}'" for f in gin_files]
+    lines += [gin_utils.format_binding(*(x.strip() for x in b.split("=", 1))) for b in bindings]
+    model_gin = out / "model.gin"
+    model_gin.write_text("\n".join(lines) + "\n")
+    finetune = out / "finetune.gin"
+    finetune.write_text("\n".join([
+        "# Fine-tunes the upcycled model with this project's trainer:",
+        f"#   python -m hypermoe_jax.train --gin_file={finetune} --gin.MODEL_DIR=... ...",
+        f"include '{model_gin}'", "include 'runs/finetune.gin'", "",
+        f"INITIAL_CHECKPOINT_PATH = '{ckpt}'"]) + "\n")
+    record = {"dense_checkpoint": str(dense_checkpoint), "dense_gin": list(dense_gin_files),
+              "gin": list(gin_files), "bindings": list(bindings), "seed": seed,
+              "checkpoint": str(ckpt), "kept_initialisation": kept}
+    checkpoint_files.write_record(out, record)
+    log(f"Upcycled {dense_checkpoint} -> {out}; {len(kept)} variable(s) kept their "
+        f"initialisation (routers, ...). Fine-tune: python -m hypermoe_jax.train "
+        f"--gin_file={finetune} --gin.MODEL_DIR=... --gin.MIXTURE_OR_TASK_NAME=...")
+    return record
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hypermoe_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,6 +248,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="Hugging Face's integer slots per expert and sequence (needed when the "
                         "model routes with capacity factors)")
     c.add_argument("--overwrite", action="store_true")
+    c = sub.add_parser("upcycle", help="an MoE model from a dense checkpoint (sparse upcycling)")
+    c.add_argument("dense_checkpoint", help="the dense model's checkpoint (e.g. DEST/checkpoint "
+                                            "of hf-t5, or a run directory)")
+    c.add_argument("dest", help="a new or empty directory")
+    c.add_argument("--dense_gin_file", action="append", required=True,
+                   help="the dense model's gin (e.g. DEST/model.gin of hf-t5)")
+    c.add_argument("--gin_file", action="append", required=True,
+                   help="the MoE model's gin (same dims; e.g. models/switch_base_8.gin)")
+    c.add_argument("--gin", action="append", default=[], dest="bindings",
+                   help="a gin binding of the MoE model NAME=VALUE (repeatable)")
+    c.add_argument("--seed", type=int, default=0, help="initialises what the dense model lacks")
+    c.add_argument("--overwrite", action="store_true")
     return p
 
 
@@ -218,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        dropped_token_behavior=getattr(args, "dropped_token_behavior", "zero"),
                        overwrite=args.overwrite,
                        expect="t5" if args.command == "hf-t5" else "switch_transformers")
+        elif args.command == "upcycle":
+            upcycle(args.dense_checkpoint, args.dest, dense_gin_files=args.dense_gin_file,
+                    gin_files=args.gin_file, bindings=args.bindings, seed=args.seed,
+                    overwrite=args.overwrite)
         else:
             convert_to_hf(args.gin_file, args.checkpoint, args.dest, bindings=args.bindings,
                           expert_capacity=args.expert_capacity, overwrite=args.overwrite)
