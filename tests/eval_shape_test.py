@@ -15,11 +15,10 @@ from hypermoe_jax.architectures import sizes
 from hypermoe_jax.layers.experts import ExpertsConfig
 from hypermoe_jax.layers.variants import moe_config
 
-# Hand count of Switch-base-8 (T5 v1.1 base dims; gated-GELU d_ff 2048 has as many weights as the
-# original ReLU d_ff 3072), for the record:
-D, F, V, E = 768, 2048, 32128, 8
+# Hand count of Switch-base-8 (ReLU experts and dense MLPs of d_ff 3072: wi + wo), for the record:
+D, F, V, E = 768, 3072, 32128, 8
 ATTN = 4 * D * D
-MLP = 3 * D * F
+MLP = 2 * D * F
 SWITCH_BASE_8 = (
     6 * (ATTN + MLP) + 6 * (ATTN + E * MLP + D * E)  # encoder: dense + sparse blocks
     + 6 * (2 * ATTN + MLP) + 6 * (2 * ATTN + E * MLP + D * E)  # decoder
@@ -36,6 +35,34 @@ def test_switch_base_8_matches_published_count():
     # Untied output embeddings (T5 v1.1 style) add one [vocab, d] matrix: ~644M, 3.9% over.
     untied = sizes.parameter_counts(sizes.switch_base_8(tied_embeddings=False))
     assert untied["params"] - counts["params"] == V * D
+
+
+# google/switch-base-8's config.json on the Hugging Face hub (the fields that shape the model).
+SWITCH_BASE_8_HF_CONFIG = {
+    "model_type": "switch_transformers", "vocab_size": 32128, "d_model": 768, "d_kv": 64,
+    "d_ff": 3072, "num_heads": 12, "num_layers": 12, "num_decoder_layers": 12,
+    "num_sparse_encoder_layers": 6, "num_sparse_decoder_layers": 6, "num_experts": 8,
+    "expert_capacity": 64, "dense_act_fn": "relu", "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128, "tie_word_embeddings": True, "router_bias": False,
+    "router_jitter_noise": 0.01, "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6,
+}
+
+
+def test_switch_base_8_preset_is_google_switch_base_8():
+    """Our preset has the published model's dims (the converter reads the config the same way),
+    so a converted google/switch-base-8 checkpoint fits models/switch_base_8.gin's shapes."""
+    from hypermoe_jax.convert import hf_switch
+
+    ours = sizes.switch_base_8()
+    theirs = hf_switch.config_from_hf(SWITCH_BASE_8_HF_CONFIG).transformer
+    for field in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "activation",
+                  "num_encoder_layers", "num_decoder_layers", "encoder_sparse_step",
+                  "decoder_sparse_step", "relative_attention_num_buckets",
+                  "relative_attention_max_distance", "logits_via_embedding"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.moe.num_experts == theirs.moe.num_experts == 8
+    assert arch.sparse_layer_indices(12, 2) == arch.sparse_layer_indices(12, 2, "hf")
+    assert sizes.parameter_counts(ours) == sizes.parameter_counts(theirs)
 
 
 def test_t5_1_1_base_dense_count():

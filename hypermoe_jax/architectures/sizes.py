@@ -10,6 +10,7 @@ Sizes (T5 v1.1; d_kv = 64 except tiny):
     small  512   1024  6      8 + 8
     base   768   2048  12     12 + 12
     large  1024  2816  16     24 + 24
+    switch_base  768  3072  12  12 + 12  (ReLU: google/switch-base-8's dims; the *_base_8 presets)
 
 Decoder-only LM sizes (``decoder_only``; the encoder fields are unused):
 
@@ -49,6 +50,9 @@ SIZES: dict[str, dict[str, int]] = {
                  num_decoder_layers=12),
     "large": dict(emb_dim=1024, mlp_dim=2816, num_heads=16, head_dim=64, num_encoder_layers=24,
                   num_decoder_layers=24),
+    # google/switch-base-8's published dims (the original T5 base: ReLU, not gated).
+    "switch_base": dict(emb_dim=768, mlp_dim=3072, num_heads=12, head_dim=64,
+                        num_encoder_layers=12, num_decoder_layers=12, activation="relu"),
     "lm_tiny": dict(emb_dim=128, mlp_dim=256, num_heads=4, head_dim=32, num_encoder_layers=0,
                     num_decoder_layers=4),
     "lm_small": dict(emb_dim=256, mlp_dim=512, num_heads=8, head_dim=64, num_encoder_layers=0,
@@ -115,23 +119,23 @@ def _variant(variant: str, num_experts: int) -> MoeConfig:
 
 
 def switch_base_8(**overrides: Any) -> TransformerConfig:
-    return sparse_t5("base", _variant("switch", 8), **overrides)
+    return sparse_t5("switch_base", _variant("switch", 8), **overrides)
 
 
 def hypermoe_base_8(**overrides: Any) -> TransformerConfig:
-    return sparse_t5("base", _variant("hypermoe", 8), **overrides)
+    return sparse_t5("switch_base", _variant("hypermoe", 8), **overrides)
 
 
 def hyperrouter_base_8(**overrides: Any) -> TransformerConfig:
-    return sparse_t5("base", _variant("hyperrouter", 8), **overrides)
+    return sparse_t5("switch_base", _variant("hyperrouter", 8), **overrides)
 
 
 def smoe_dropout_base_8(**overrides: Any) -> TransformerConfig:
-    return sparse_t5("base", _variant("smoe_dropout", 8), **overrides)
+    return sparse_t5("switch_base", _variant("smoe_dropout", 8), **overrides)
 
 
 def moe_share_base_8(**overrides: Any) -> TransformerConfig:
-    return sparse_t5("base", _variant("moe_share", 8), **overrides)
+    return sparse_t5("switch_base", _variant("moe_share", 8), **overrides)
 
 
 def switch_small_8(**overrides: Any) -> TransformerConfig:
