@@ -129,6 +129,7 @@ def test_full_size_model_gin_dims(model_gin):
     eval_shape_test.py)."""
     _, size_name = _name_parts(model_gin)
     size = re.sub(r"_\d+$", "", size_name)
+    size = "switch_base" if size == "base" else size  # *_base_8: google/switch-base-8's dims
     model = _parse([model_gin], ["TRAIN_STEPS = 10"])
     cfg = model.config
     want = sizes.SIZES[size]

@@ -290,3 +290,27 @@ def test_upcycle_cli_from_hf_t5_equals_the_dense_model(tmp_path):
                                               cli.abstract_variables(moe)["params"])
     moe_logits = _forward(moe, params, _batch(g))[2]
     np.testing.assert_allclose(np.asarray(moe_logits), g["logits"], atol=1e-4)
+
+
+def test_glue_experiment_takes_the_converted_switch_base_8():
+    """experiments/hypermoe_glue.gin (and the Switch / SuperGLUE gins that include it) builds the
+    model a converted google/switch-base-8 checkpoint fits: every converted parameter has the
+    experiment model's path and shape, and the HF semantics are on."""
+    import gin
+
+    from eval_shape_test import SWITCH_BASE_8_HF_CONFIG
+
+    gin.clear_config()
+    model = cli.model_from_gin(["experiments/hypermoe_glue.gin"],
+                               ["MODEL_DIR='/tmp/unused'", "INITIAL_CHECKPOINT_PATH='/tmp/x'"])
+    cfg = model.config
+    assert (cfg.sparse_placement, cfg.padding_semantics) == ("hf", "hf")
+    assert cfg.moe.dispatch.expert_capacity == 64
+    assert cfg.moe.dispatch.dropped_token_behavior == "scale_input"
+    assert model.router_loss_pooling == "hf" and model.aux_loss_factor == 0.001
+    settings = hf_switch.config_from_hf(SWITCH_BASE_8_HF_CONFIG, variant="hypermoe")
+    converted = cli.abstract_variables(cli.build_model(settings))["params"]
+    experiment = cli.abstract_variables(model)["params"]
+    flat_c, flat_e = hf_switch._flatten(converted), hf_switch._flatten(experiment)
+    assert flat_c.keys() == flat_e.keys()
+    assert all(flat_c[k].shape == flat_e[k].shape for k in flat_c)
