@@ -10,7 +10,7 @@ tree of the layers:
 
     scanned:   layers/{dense_0, ..., dense_{s-2}, sparse}/...   every leaf with a leading [P] axis
     unrolled:  layers_{p}/{dense_0, ..., sparse}/...            p = 0 .. P-1, no layer axis
-    tail:      tail/{dense_0, sparse, ...}/...                  (``hf`` placement only) no layer axis
+    tail:      tail/{dense_0, sparse, ...}/...                  (``hf`` placement) no layer axis
 
 ``stack_layers`` / ``unstack_layers`` convert one into the other (any collection).
 
