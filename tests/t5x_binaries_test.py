@@ -4,7 +4,8 @@ models from the gin files in ``gin/t5x/`` only, as subprocesses, exactly as the 
 
 Covered: every variant trains (Switch, MoE-Share, HyperRouter: decoder-only; SMoE-Dropout:
 encoder-decoder -- the two k schedules that must grow under T5X's trainer, one per architecture;
-HyperMoE: both); pretrain -> fine-tune -> eval (seqio accuracy) -> infer on one checkpoint;
+HyperMoE: both, encoder-decoder fine-tuned from a converted Hugging Face Switch checkpoint);
+pretrain -> fine-tune -> eval (seqio accuracy) -> infer on one checkpoint;
 expert parallelism (8 devices, expert axis 4) equal to one device and compiled with all_to_all.
 ``HYPERMOE_T5X_FULL_MATRIX=1`` trains every variant in both architectures.
 """
@@ -34,8 +35,8 @@ K_SCHEDULED = {"hyperrouter": 2, "smoe_dropout": 2}  # variant -> K_MIN of its m
 VARIANTS = ("switch", "hypermoe", "hyperrouter", "smoe_dropout", "moe_share")
 # (variant, architecture) trained by test_train_variant; the chain and expert-parallel tests
 # add smoe_dropout / encoder-decoder and hypermoe / decoder-only.
-CASES = [("switch", DEC_ONLY), ("moe_share", DEC_ONLY), ("hypermoe", ENC_DEC),
-         ("hyperrouter", DEC_ONLY)]
+# (HyperMoE encoder-decoder trains in test_finetune_converted_hf_switch_as_hypermoe.)
+CASES = [("switch", DEC_ONLY), ("moe_share", DEC_ONLY), ("hyperrouter", DEC_ONLY)]
 if os.environ.get("HYPERMOE_T5X_FULL_MATRIX"):
     CASES = [(v, a) for v in VARIANTS for a in (ENC_DEC, DEC_ONLY)]
 
@@ -78,9 +79,11 @@ def task(arch: str) -> dict:
 
 
 def t5x(env: Path, binary: str, gin_files, macros: dict, *, devices: int = 1,
-        extra_xla: str = "", cwd: Path | None = None) -> str:
-    """Runs ``python -m t5x.<binary>`` with this project's gin directory; returns its log."""
-    test_gin = env / ("lm.gin" if any("_lm_" in f for f in gin_files) else "t5.gin")
+        extra_xla: str = "", cwd: Path | None = None, test_gin: Path | None = None) -> str:
+    """Runs ``python -m t5x.<binary>`` with this project's gin directory and ``test_gin`` (default:
+    the gin shrinking the model); returns its log."""
+    if test_gin is None:
+        test_gin = env / ("lm.gin" if any("_lm_" in f for f in gin_files) else "t5.gin")
     argv = [sys.executable, "-m", f"t5x.{binary}", f"--gin_search_paths={REPO / 'gin'}",
             *[f"--gin_file={f}" for f in [*gin_files, str(test_gin)]],
             *[f"--gin.{k}={v}" for k, v in macros.items()]]
@@ -217,3 +220,36 @@ def test_expert_parallel_equals_one_device(env, tmp_path):
                                    rtol=1e-5)
         np.testing.assert_allclose(runs[8][0][step]["moe/load_balance_loss"],
                                    runs[1][0][step]["moe/load_balance_loss"], rtol=1e-5)
+
+
+def test_finetune_converted_hf_switch_as_hypermoe(env, tmp_path):
+    """A Hugging Face Switch folder (the no-drop golden, its vocabulary padded to the offline
+    one's 8192 rows) converted with ``--variant hypermoe --t5x_checkpoint`` and fine-tuned by
+    ``t5x.train`` from the gins and T5X checkpoint the converter wrote: the run starts from the
+    Hugging Face weights (the generator from its initialisation) and trains."""
+    from hypermoe_jax.convert import cli, hf_io
+
+    golden = REPO / "tests" / "goldens" / "hf_switch" / "no_drop"
+    config, tensors = hf_io.read_config(golden), hf_io.read_state_dict(golden)
+    shared = np.zeros((8192, tensors["shared.weight"].shape[1]), np.float32)
+    shared[: len(tensors["shared.weight"])] = tensors["shared.weight"]
+    hf_folder = hf_io.write_hf_folder(tmp_path / "hf", {**config, "vocab_size": 8192},
+                                      {**tensors, "shared.weight": shared})
+    dest = tmp_path / "converted"
+    assert cli.main(["hf-switch", str(hf_folder), str(dest), "--variant", "hypermoe",
+                     "--t5x_checkpoint"]) == 0
+    start = checkpoint_state(dest / "t5x" / "checkpoint_0")
+    np.testing.assert_array_equal(start["target"]["token_embedder"]["embedding"], shared)
+    assert "hyper_generator" in start["target"]["encoder"]
+
+    vocab_gin = tmp_path / "vocab.gin"
+    vocab_gin.write_text("from __gin__ import dynamic_registration\n"
+                         "from hypermoe_jax.data import vocab\n" + _OFFLINE_VOCAB_GIN)
+    ft = tmp_path / "ft"
+    t5x(env, "train", [str(dest / "t5x_model.gin"), "t5x/runs/finetune.gin"], train_macros(
+        ft, ENC_DEC, 2, INITIAL_CHECKPOINT_PATH=f"'{dest / 't5x' / 'checkpoint_0'}'",
+        MIXTURE_OR_TASK_MODULE=None), test_gin=vocab_gin)
+    check_train_run(ft, "hypermoe", 2)
+    end = checkpoint_state(ft / "checkpoint_2")["target"]
+    moved = np.abs(end["token_embedder"]["embedding"] - shared).max()
+    assert 0 < moved < 1.0  # fine-tuned from the converted weights, not from scratch

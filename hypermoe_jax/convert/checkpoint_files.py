@@ -8,6 +8,7 @@ A converted folder ``DEST``::
     DEST/model.gin              the model (for runs/*.gin or t5x/runs/*.gin)
     DEST/finetune.gin           model.gin + runs/finetune.gin + INITIAL_CHECKPOINT_PATH
     DEST/t5x_model.gin          model.gin for the upstream T5X binaries
+    DEST/t5x/checkpoint_0/      (--t5x_checkpoint) a T5X train state for t5x.train fine-tuning
     DEST/conversion.json        source, settings, parameters missing from / unused in the source
 
 ``DEST`` must be new or empty: nothing already there is overwritten unless asked.
@@ -108,8 +109,10 @@ def write_gin_files(
     t5x.write_text("\n".join([
         f"# The model of {model.name} for the upstream T5X binaries, e.g.",
         "#   python -m t5x.train --gin_search_paths=GIN_DIR --gin_file=" + str(t5x) + " \\",
-        "#     --gin_file=t5x/runs/finetune.gin --gin.INITIAL_CHECKPOINT_PATH=... ...",
-        "# (GIN_DIR: this project's gin directory.)",
+        "#     --gin_file=t5x/runs/finetune.gin "
+        f"--gin.INITIAL_CHECKPOINT_PATH=\\'{dest / 't5x' / 'checkpoint_0'}\\' ...",
+        "# (GIN_DIR: this project's gin directory; the T5X checkpoint is written by the",
+        "# converter's --t5x_checkpoint.)",
         f"include '{model}'",
         "include 't5x/architectures/encoder_decoder.gin'",
     ]) + "\n")

@@ -94,7 +94,8 @@ def hf_gin_settings(settings: hf_switch.HfModelSettings, variant: str,
 
 def convert_hf(src: str, dest: str, *, variant: str = "switch",
                dropped_token_behavior: str = "zero", scan_layers: bool = True,
-               overwrite: bool = False, expect: str | None = None, log=print) -> dict:
+               overwrite: bool = False, expect: str | None = None, t5x_checkpoint: bool = False,
+               log=print) -> dict:
     """Converts a Hugging Face folder (or hub id) into ``dest``; returns the conversion record."""
     folder = hf_io.resolve_source(src)
     hf = hf_io.read_config(folder)
@@ -130,6 +131,12 @@ def convert_hf(src: str, dest: str, *, variant: str = "switch",
               "gin": {k: str(v) for k, v in gins.items()}, "converted_parameters": n_params,
               "missing": converted.missing, "missing_collections": missing_mutables,
               "unused": converted.unused}
+    if t5x_checkpoint:
+        from hypermoe_jax.t5x_support import checkpoints as t5x_checkpoints
+
+        path, _ = t5x_checkpoints.write_t5x_checkpoint([str(gins["t5x_model"])],
+                                                       converted.params, out / "t5x")
+        record["t5x_checkpoint"] = str(path)
     checkpoint_files.write_record(out, record)
     log(f"Converted {src} -> {out}: {n_params:,} parameters.")
     if converted.missing or missing_mutables:
@@ -141,6 +148,10 @@ def convert_hf(src: str, dest: str, *, variant: str = "switch",
             f"(e.g. {converted.unused[:2]}).")
     log(f"  Fine-tune: python -m hypermoe_jax.train --gin_file={gins['finetune']} "
         "--gin.MODEL_DIR=... --gin.MIXTURE_OR_TASK_NAME=...")
+    if t5x_checkpoint:
+        log(f"  With T5X: python -m t5x.train --gin_search_paths=GIN_DIR "
+            f"--gin_file={gins['t5x_model']} --gin_file=t5x/runs/finetune.gin "
+            f"--gin.INITIAL_CHECKPOINT_PATH=\\'{record['t5x_checkpoint']}\\' ...")
     return record
 
 
@@ -236,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "or p*x (4.30, the official HyperMoE code)")
         c.add_argument("--no_scan_layers", action="store_true",
                        help="unrolled layers instead of nn.scan")
+        c.add_argument("--t5x_checkpoint", action="store_true",
+                       help="also write DEST/t5x/checkpoint_0, a T5X train state for the "
+                            "upstream t5x.train (needs T5X installed)")
         c.add_argument("--overwrite", action="store_true", help="replace what DEST holds")
     c = sub.add_parser("to-hf", help="our Switch model -> a Hugging Face folder")
     c.add_argument("checkpoint", help="a run directory, a step directory or a converted "
@@ -270,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             convert_hf(args.src, args.dest, scan_layers=not args.no_scan_layers,
                        variant=getattr(args, "variant", "switch"),
                        dropped_token_behavior=getattr(args, "dropped_token_behavior", "zero"),
-                       overwrite=args.overwrite,
+                       overwrite=args.overwrite, t5x_checkpoint=args.t5x_checkpoint,
                        expect="t5" if args.command == "hf-t5" else "switch_transformers")
         elif args.command == "upcycle":
             upcycle(args.dense_checkpoint, args.dest, dense_gin_files=args.dense_gin_file,
