@@ -297,7 +297,6 @@ def test_glue_experiment_takes_the_converted_switch_base_8():
     model a converted google/switch-base-8 checkpoint fits: every converted parameter has the
     experiment model's path and shape, and the HF semantics are on."""
     import gin
-
     from eval_shape_test import SWITCH_BASE_8_HF_CONFIG
 
     gin.clear_config()
