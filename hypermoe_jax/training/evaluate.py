@@ -231,8 +231,9 @@ def evaluate(*, model, dataset_cfg: DatasetConfig, checkpoint_path: str, output_
              mesh_shape: Sequence[int] = (-1, 1, 1), eval_steps: int | None = None,
              infer: bool = True, active_k_values: Sequence[int] | None = None
              ) -> dict[str, Any]:
-    """Loss metrics (``eval_fn``) and, with ``infer``, seqio metrics of decoded predictions of a
-    checkpoint; writes ``eval_metrics.json`` (and predictions) to ``output_dir``.
+    """Loss metrics (``eval_fn``) and, with ``infer``, seqio metrics of decoded predictions
+    (under ``infer_eval``) of a checkpoint; writes ``eval_metrics.json`` (and predictions) to
+    ``output_dir``.
 
     ``active_k_values`` (e.g. ``(1, 2, 4, 8, 16)``): also evaluates the loss metrics with each
     number of experts per token from the same parameters (SMoE-Dropout / HyperRouter any-k
@@ -257,7 +258,9 @@ def evaluate(*, model, dataset_cfg: DatasetConfig, checkpoint_path: str, output_
             if infer and task.metric_fns:
                 infer_metrics = infer_evaluate(model, state, dataset_cfg, mesh, out, eval_steps,
                                                say=say)
-                result.update(infer_metrics)
+                # Beside the teacher-forced metrics (whose ``accuracy`` is per token), as the
+                # trainer's summary keeps them: under ``infer_eval``.
+                result["infer_eval"] = infer_metrics
                 say(eval_line("decoded predictions", infer_metrics))
         (out / "eval_metrics.json").write_text(json.dumps(result, indent=2))
     return result
