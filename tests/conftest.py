@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The trainer's persistent compilation cache stays off in tests (in-process runs would turn it on
+# for every later test of the worker); tests/train_test.py tests it in a subprocess.
+os.environ.setdefault("HYPERMOE_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

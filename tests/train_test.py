@@ -932,3 +932,42 @@ def test_any_k_eval_compiles_one_step_per_static_k(env, monkeypatch):
     assert again == {k: sweep[k] for k in ("2", "1")}
     assert [ln for ln in lines if re.match(r"  k=1 +loss [\d.]+  \(\S+\)$", ln)], lines
     assert [ln for ln in lines if re.match(r"eval k=2: batch 1/2  [\d.]+ batches/s", ln)], lines
+
+
+_CACHE_PROBE = """
+import json, sys
+import jax, jax.numpy as jnp
+from hypermoe_jax.training import cli
+env = json.loads(sys.argv[1])
+where = cli.compilation_cache(env)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(7)).block_until_ready()
+print(json.dumps({"dir": where, "max": jax.config.jax_compilation_cache_max_size}))
+"""
+
+
+@pytest.mark.parametrize("setting", ["dir", "off", "jax_own"])
+def test_compilation_cache(tmp_path, setting):
+    """The CLI's persistent compilation cache: written to $HYPERMOE_COMPILATION_CACHE, off with
+    0, and JAX's own JAX_COMPILATION_CACHE_DIR kept where the user set it (a fresh process each:
+    the setting is process-wide)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HYPERMOE_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    ours, jax_own = tmp_path / "ours", tmp_path / "jax_own"
+    arg = {"dir": {"HYPERMOE_COMPILATION_CACHE": str(ours)},
+           "off": {"HYPERMOE_COMPILATION_CACHE": "0"}, "jax_own": {}}[setting]
+    if setting == "jax_own":
+        env["JAX_COMPILATION_CACHE_DIR"] = str(jax_own)
+    proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE, json.dumps(arg)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if setting == "dir":
+        assert out["dir"] == str(ours)
+        assert out["max"] == cli.COMPILATION_CACHE_MAX_BYTES
+        assert any(p.name.endswith("-cache") for p in ours.iterdir())
+    elif setting == "off":
+        assert out["dir"] is None and not ours.exists()
+    else:
+        assert out["dir"] == str(jax_own)
+        assert any(p.name.endswith("-cache") for p in jax_own.iterdir())

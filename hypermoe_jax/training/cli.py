@@ -154,12 +154,43 @@ def quiet_tensorflow(env: MutableMapping[str, str] | None = None) -> None:
             pass
 
 
+COMPILATION_CACHE_ENV = "HYPERMOE_COMPILATION_CACHE"
+COMPILATION_CACHE_MAX_BYTES = 4 << 30
+_OFF = ("", "0", "off", "none", "false", "no")
+
+
+def compilation_cache(env: Mapping[str, str] | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache for this process (as MaxText does) and returns
+    its directory: ``$HYPERMOE_COMPILATION_CACHE``, else ``<$HYPERMOE_CACHE or
+    ~/.cache/hypermoe_jax>/xla``; ``HYPERMOE_COMPILATION_CACHE=0`` turns it off. A second run of a
+    model (a resume, a rerun, eval after train) loads its compiled steps instead of compiling them
+    again. Where the user configured JAX's own cache (``JAX_COMPILATION_CACHE_DIR``) that one
+    is kept. The cache holds at most ``COMPILATION_CACHE_MAX_BYTES`` (least recently used
+    entries go first; processes share it under a file lock)."""
+    env = os.environ if env is None else env
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    value = env.get(COMPILATION_CACHE_ENV)
+    if value is not None and value.strip().lower() in _OFF:
+        return None
+    if not value:
+        from hypermoe_jax.data.cache import cache_dir
+
+        value = str(cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", value)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
     quiet_tensorflow()
+    compilation_cache()
     argv = _maybe_initialize_distributed(argv)
     files, bindings, paths, rest = gin_utils.parse_gin_args(argv)
     if rest:

@@ -63,14 +63,18 @@ class Initializer:
     def __init__(self, model, mesh, input_shapes, input_types):
         self.model, self.mesh = model, mesh
         self.input_shapes, self.input_types = input_shapes, input_types
+        self._boxed = None
 
     def _init(self, rng):
         return self.model.get_initial_variables(rng, self.input_shapes, self.input_types)
 
     def boxed_abstract_variables(self):
-        """Shapes of the variables with their logical axis metadata (nothing is allocated)."""
-        with part.axis_rules(self.mesh):
-            return jax.eval_shape(self._init, jax.random.PRNGKey(0))
+        """Shapes of the variables with their logical axis metadata (nothing is allocated;
+        traced once, then kept)."""
+        if self._boxed is None:
+            with part.axis_rules(self.mesh):
+                self._boxed = jax.eval_shape(self._init, jax.random.PRNGKey(0))
+        return self._boxed
 
     def shardings(self):
         return part.params_shardings(self.mesh, self.boxed_abstract_variables())
