@@ -29,6 +29,7 @@ import numpy as np
 from flax import linen as nn
 
 from hypermoe_jax.convert import checkpoint_files, hf_io, hf_switch
+from hypermoe_jax.training.gin_utils import model_from_gin
 
 _INPUT_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8),
                  "decoder_target_tokens": (1, 8)}
@@ -153,18 +154,6 @@ def convert_hf(src: str, dest: str, *, variant: str = "switch",
             f"--gin_file={gins['t5x_model']} --gin_file=t5x/runs/finetune.gin "
             f"--gin.INITIAL_CHECKPOINT_PATH=\\'{record['t5x_checkpoint']}\\' ...")
     return record
-
-
-def model_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = ()):
-    """The ``MODEL`` of parsed model gin files."""
-    import gin
-
-    from hypermoe_jax.training import gin_utils
-
-    gin.clear_config()
-    gin_utils.parse(gin_files, bindings, finalize=False)
-    ref = gin.query_parameter("%MODEL")
-    return ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
 
 
 def convert_to_hf(gin_files: Sequence[str], checkpoint: str, dest: str, *,

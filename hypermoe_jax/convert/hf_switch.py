@@ -34,6 +34,7 @@ import numpy as np
 
 from hypermoe_jax.architectures import stacks
 from hypermoe_jax.architectures.config import TransformerConfig, stack_layout
+from hypermoe_jax.convert import trees
 from hypermoe_jax.layers.dispatch import DispatchConfig
 from hypermoe_jax.layers.experts import ExpertsConfig
 from hypermoe_jax.layers.routers import RouterConfig
@@ -399,24 +400,6 @@ def tensor_table(cfg: TransformerConfig, model_type: str = SWITCH,
 _TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
-def _flatten(tree: Mapping, prefix: KeyPath = ()) -> dict[KeyPath, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[KeyPath, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
 
 
 @dataclasses.dataclass
@@ -458,7 +441,7 @@ def params_from_hf(
             f"The checkpoint lacks {len(absent)} tensor(s) its config.json implies, e.g. "
             f"{absent[:3]}; the config and the weights do not belong together (or the file is a "
             "different architecture).")
-    target = _flatten(jax.eval_shape(stacks.unstack_layers, dict(abstract_params)))
+    target = trees.flatten(jax.eval_shape(stacks.unstack_layers, dict(abstract_params)))
     converted, unused, used = {}, [], set(_TIED)
     for t in table:
         used.update(t.hf_names)
@@ -477,7 +460,7 @@ def params_from_hf(
     unused += sorted(n for n in state if n not in used and not
                      (cfg.logits_via_embedding and n == "lm_head.weight"))
     missing = sorted("/".join(p) for p in target if p not in converted)
-    params = _unflatten(converted)
+    params = trees.unflatten(converted)
     if cfg.scan_layers:
         params = stacks.stack_layers(params)
     return ConvertedParams(params, missing, unused)
@@ -487,7 +470,7 @@ def params_to_hf(params: Mapping, cfg: TransformerConfig) -> dict[str, np.ndarra
     """Our Switch model's ``params`` (scanned or unrolled) -> Hugging Face
     ``SwitchTransformersForConditionalGeneration`` tensors (float32)."""
     _check_representable(cfg)
-    flat = _flatten(stacks.unstack_layers(dict(params)))
+    flat = trees.flatten(stacks.unstack_layers(dict(params)))
     out: dict[str, np.ndarray] = {}
     for t in tensor_table(cfg, SWITCH):
         if t.path not in flat:

@@ -64,6 +64,7 @@ from hypermoe_jax.architectures.config import (
     is_sparse,
     stack_layout,
 )
+from hypermoe_jax.convert import trees
 from hypermoe_jax.layers.experts import is_gated
 
 Path = tuple[str, ...]
@@ -78,24 +79,6 @@ _UNROLLED = re.compile(r"^layers_\d+$")
 # --------------------------------------------------------------------------------------------
 
 
-def _flatten(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
-    """``{path: leaf}`` of a nested mapping."""
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    out = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, prefix + (str(k),)))
-    return out
-
-
-def _unflatten(flat: Mapping[Path, Any]) -> dict:
-    out: dict = {}
-    for path, leaf in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = leaf
-    return out
 
 
 def _unstack(stack: Mapping) -> tuple[dict, bool]:
@@ -322,8 +305,8 @@ def upcycle_variables(dense_variables: dict, dense_config: TransformerConfig,
 
     dense_unrolled, _ = _unrolled_params(dense_params)
     moe_unrolled, moe_scanned = _unrolled_params(moe_params)
-    dense_flat = _flatten(dense_unrolled)
-    moe_flat = _flatten(moe_unrolled)
+    dense_flat = trees.flatten(dense_unrolled)
+    moe_flat = trees.flatten(moe_unrolled)
     _check_dense_tree(dense_flat, dense_others)
 
     # (stack, container, block name) of the MoE model -> dense (stack, container, block name).
@@ -373,7 +356,7 @@ def upcycle_variables(dense_variables: dict, dense_config: TransformerConfig,
             f"{[_path_str(PARAMS, p) for p in unused[:6]]}{' ...' if len(unused) > 6 else ''}; "
             "are moe_config and moe_variables of the same architecture as the dense model?")
 
-    new_params = _unflatten(out_flat)
+    new_params = trees.unflatten(out_flat)
     for name, scanned in moe_scanned.items():
         if scanned:
             new_params[name] = _stack(new_params[name])
@@ -386,7 +369,7 @@ def upcycle_variables(dense_variables: dict, dense_config: TransformerConfig,
         kept.add(_path_str(PARAMS, path))
     for collection, tree in moe_variables.items():
         if collection != PARAMS:
-            kept.update(_path_str(collection, p) for p in _flatten(tree) if p)
+            kept.update(_path_str(collection, p) for p in trees.flatten(tree) if p)
     return result, sorted(kept)
 
 

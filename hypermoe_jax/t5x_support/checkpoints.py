@@ -22,18 +22,6 @@ _INPUT_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8),
                  "decoder_target_tokens": (1, 8), "decoder_loss_weights": (1, 8)}
 
 
-def t5x_model_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = ()):
-    """The ``MODEL`` (a ``T5XModel``) of T5X model gin files."""
-    import gin
-
-    from hypermoe_jax.training import gin_utils
-
-    gin.clear_config()
-    gin_utils.parse(gin_files, bindings, finalize=False)
-    ref = gin.query_parameter("%MODEL")
-    return ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
-
-
 def _merge(init: Mapping, given: Mapping) -> tuple[dict, list[str]]:
     """``init`` with every leaf that ``given`` has (same path) replaced; returns the merged tree
     and the paths that kept ``init``."""
@@ -66,8 +54,9 @@ def write_t5x_checkpoint(gin_files: Sequence[str], params: Mapping, dest: str | 
     from t5x import utils as t5x_utils
 
     from hypermoe_jax.t5x_support import partitioning
+    from hypermoe_jax.training import gin_utils
 
-    model = t5x_model_from_gin(gin_files, bindings)
+    model = gin_utils.model_from_gin(gin_files, bindings)
     variables = jax.jit(lambda rng: model.get_initial_variables(rng, _INPUT_SHAPES))(
         jax.random.PRNGKey(seed))
     variables = dict(variables)

@@ -407,3 +407,11 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     p.add_argument("--gin_search_paths", default="", help="comma-separated gin search paths")
     return p
+
+
+def model_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = ()):
+    """The ``MODEL`` of model gin files (gin is cleared first; the config is not finalized)."""
+    gin.clear_config()
+    parse(gin_files, bindings, finalize=False)
+    ref = gin.query_parameter("%MODEL")
+    return ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
