@@ -17,7 +17,7 @@ import pytest
 from flax import linen as nn
 
 from hypermoe_jax import decoding
-from hypermoe_jax.convert import cli, hf_io, hf_switch
+from hypermoe_jax.convert import cli, hf_io, hf_switch, trees
 from hypermoe_jax.training import checkpoints
 
 GOLDENS = Path(__file__).parent / "goldens"
@@ -161,8 +161,8 @@ def test_variants_start_from_switch_weights():
     # Fine-tuning starts: the missing variables from their initialisation, the rest from HF.
     for model, converted in ((hyper, hyper_params), (router, router_params)):
         init = _init(model, _batch(g), seed=1)
-        params = hf_switch._unflatten({**hf_switch._flatten(init["params"]),
-                                       **hf_switch._flatten(converted.params)})
+        params = trees.unflatten({**trees.flatten(init["params"]),
+                                       **trees.flatten(converted.params)})
         mutables = {k: v for k, v in init.items() if k != "params"}
 
         def loss_fn(p, m=model, mutables=mutables):
@@ -310,6 +310,6 @@ def test_glue_experiment_takes_the_converted_switch_base_8():
     settings = hf_switch.config_from_hf(SWITCH_BASE_8_HF_CONFIG, variant="hypermoe")
     converted = cli.abstract_variables(cli.build_model(settings))["params"]
     experiment = cli.abstract_variables(model)["params"]
-    flat_c, flat_e = hf_switch._flatten(converted), hf_switch._flatten(experiment)
+    flat_c, flat_e = trees.flatten(converted), trees.flatten(experiment)
     assert flat_c.keys() == flat_e.keys()
     assert all(flat_c[k].shape == flat_e[k].shape for k in flat_c)
