@@ -17,8 +17,6 @@ import numpy as np
 from hypermoe_jax.training import gin_utils
 from hypermoe_jax.training.errors import RunError
 
-PREFETCH_BATCHES = 2  # batches a pipeline keeps ready while the device steps
-
 
 @gin.configurable
 @dataclasses.dataclass
@@ -77,7 +75,7 @@ def _task_dataset(cfg: DatasetConfig, *, shuffle: bool, shard_id: int, num_shard
     if cfg.batch_size % num_shards:
         raise RunError(f"batch_size {cfg.batch_size} is not divisible by {num_shards} hosts.")
     try:
-        ds = task.get_dataset(
+        return task.get_dataset(
             sequence_length=dict(cfg.task_feature_lengths),
             split=cfg.split,
             use_cached=cfg.use_cached,
@@ -90,20 +88,6 @@ def _task_dataset(cfg: DatasetConfig, *, shuffle: bool, shard_id: int, num_shard
         raise RunError(
             f"Cannot read dataset {cfg.mixture_or_task_name!r} split {cfg.split!r}: {e}"
         ) from e
-    return ds.with_options(pipeline_options())
-
-
-def pipeline_options():
-    """The ``tf.data.Options`` of every pipeline here (the datasets built on one inherit them):
-    autotuning off. Its optimisation thread makes deleting an iterator -- at the end of every
-    run, after each eval -- wait for the pass it is in: up to 9 s seen at the end of a 2-core run.
-    With it off, the maps seqio asks ``AUTOTUNE`` of run on all cores and ``get_dataset`` keeps
-    ``PREFETCH_BATCHES`` ready; steps/s was the same either way (``benchmarks/t5x_trainer.py``)."""
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return options
 
 
 def get_dataset(
@@ -123,7 +107,7 @@ def get_dataset(
     ds = ds.batch(cfg.batch_size // num_shards, drop_remainder=True)
     if skip_batches:
         ds = ds.skip(skip_batches)
-    return ds.prefetch(PREFETCH_BATCHES)
+    return ds
 
 
 def infer_batches(cfg: DatasetConfig, feature_converter_cls, *, shard_id: int = 0,
