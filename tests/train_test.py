@@ -946,15 +946,16 @@ print(json.dumps({"dir": where, "max": jax.config.jax_compilation_cache_max_size
 """
 
 
-@pytest.mark.parametrize("setting", ["dir", "off", "jax_own"])
+@pytest.mark.parametrize("setting", ["dir", "default", "off", "jax_own"])
 def test_compilation_cache(tmp_path, setting):
-    """The CLI's persistent compilation cache: written to $HYPERMOE_COMPILATION_CACHE, off with
-    0, and JAX's own JAX_COMPILATION_CACHE_DIR kept where the user set it (a fresh process each:
-    the setting is process-wide)."""
+    """The CLI's persistent compilation cache: written to $HYPERMOE_COMPILATION_CACHE (default
+    $HYPERMOE_CACHE/xla), off with 0, and JAX's own JAX_COMPILATION_CACHE_DIR kept where the
+    user set it (a fresh process each: the setting is process-wide)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("HYPERMOE_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")}
     ours, jax_own = tmp_path / "ours", tmp_path / "jax_own"
     arg = {"dir": {"HYPERMOE_COMPILATION_CACHE": str(ours)},
+           "default": {"HYPERMOE_CACHE": str(tmp_path / "root")},
            "off": {"HYPERMOE_COMPILATION_CACHE": "0"}, "jax_own": {}}[setting]
     if setting == "jax_own":
         env["JAX_COMPILATION_CACHE_DIR"] = str(jax_own)
@@ -966,6 +967,9 @@ def test_compilation_cache(tmp_path, setting):
         assert out["dir"] == str(ours)
         assert out["max"] == cli.COMPILATION_CACHE_MAX_BYTES
         assert any(p.name.endswith("-cache") for p in ours.iterdir())
+    elif setting == "default":
+        assert out["dir"] == str(tmp_path / "root" / "xla")
+        assert any(p.name.endswith("-cache") for p in (tmp_path / "root" / "xla").iterdir())
     elif setting == "off":
         assert out["dir"] is None and not ours.exists()
     else:

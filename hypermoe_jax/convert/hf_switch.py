@@ -264,7 +264,7 @@ def _check_representable(cfg: TransformerConfig) -> None:
 # Weights: one table of (our path, Hugging Face name(s), layout)
 # --------------------------------------------------------------------------------------------
 
-KeyPath = tuple[str, ...]
+KeyPath = trees.Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,8 +398,6 @@ def tensor_table(cfg: TransformerConfig, model_type: str = SWITCH,
 
 # Tensors a Hugging Face file may hold that are copies of others (tied embeddings).
 _TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-
-
 
 
 @dataclasses.dataclass

@@ -67,7 +67,7 @@ from hypermoe_jax.architectures.config import (
 from hypermoe_jax.convert import trees
 from hypermoe_jax.layers.experts import is_gated
 
-Path = tuple[str, ...]
+Path = trees.Path
 STACK_NAMES = ("encoder", "decoder")
 # Per-stack parameters of the MoE model that the dense model has no counterpart for.
 _FRESH_STACK_ENTRIES = ("hyper_generator",)
@@ -77,8 +77,6 @@ _UNROLLED = re.compile(r"^layers_\d+$")
 # --------------------------------------------------------------------------------------------
 # Trees
 # --------------------------------------------------------------------------------------------
-
-
 
 
 def _unstack(stack: Mapping) -> tuple[dict, bool]:

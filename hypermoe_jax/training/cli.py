@@ -176,9 +176,9 @@ def compilation_cache(env: Mapping[str, str] | None = None) -> str | None:
     if value is not None and value.strip().lower() in _OFF:
         return None
     if not value:
-        from hypermoe_jax.data.cache import cache_dir
+        from hypermoe_jax.data.cache import CACHE_ENV, cache_dir
 
-        value = str(cache_dir() / "xla")
+        value = str(cache_dir(env.get(CACHE_ENV) or None) / "xla")
     jax.config.update("jax_compilation_cache_dir", value)
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
     return value
