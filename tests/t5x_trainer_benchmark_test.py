@@ -14,19 +14,53 @@ sys.modules[_spec.name] = bench
 _spec.loader.exec_module(bench)
 
 
-def test_summarize_steady_rate_and_overhead():
-    walls = {"t5x": {10: 50.0, 20: 70.0}, "ours": {10: 40.0, 20: 50.0}}
-    out = bench.summarize(walls, {}, 10)
-    assert out["t5x"]["steps_per_second"] == pytest.approx(0.5)
-    assert out["t5x"]["overhead_seconds"] == pytest.approx(30.0)
-    assert out["ours"]["steps_per_second"] == pytest.approx(1.0)
-    assert out["ours"]["overhead_seconds"] == pytest.approx(30.0)
-    assert out["ratio_steps_per_second_ours_over_t5x"] == pytest.approx(2.0)
-    assert out["ratio_wall_ours_over_t5x"] == {"10": 0.8, "20": pytest.approx(50 / 70, abs=1e-3)}
-    # A longer run that was not slower: noise, no rate.
-    noisy = bench.summarize({"t5x": {10: 50.0, 20: 49.0}, "ours": walls["ours"]}, {}, 10)
+def test_summarize_medians_steady_rate_and_ratios():
+    walls = {"t5x": {2: [50.0, 80.0, 52.0], 12: [72.0, 70.0, 71.0]},  # one slow outlier
+             "ours": {2: [40.0, 41.0, 39.0], 12: [45.0, 46.0, 44.0]}}
+    reported = {"t5x": [{"steps_per_second": 2.0, "compilation_seconds": 20.0},
+                        {"steps_per_second": 4.0, "compilation_seconds": 30.0}],
+                "ours": [{"steps_per_second": 3.0}, {"steps_per_second": None}]}
+    out = bench.summarize(walls, reported, 2, 12)
+    t5x, ours = out["t5x"], out["ours"]
+    assert t5x["median_wall_seconds"] == {"2": 52.0, "12": 71.0}  # the outlier does not count
+    assert t5x["fixed_seconds"] == 52.0 and ours["fixed_seconds"] == 40.0
+    assert t5x["steps_per_second"] == pytest.approx(10 / 19, abs=1e-3)
+    assert ours["steps_per_second"] == pytest.approx(2.0)
+    assert t5x["reported_median"] == {"compilation_seconds": 25.0, "steps_per_second": 3.0}
+    assert ours["reported_median"] == {"steps_per_second": 3.0}
+    r = out["ratios"]["ours/t5x"]
+    assert r["wall"] == {"2": pytest.approx(40 / 52, abs=1e-3), "12": pytest.approx(45 / 71,
+                                                                                      abs=1e-3)}
+    assert r["steps_per_second"] == pytest.approx(2.0 / (10 / 19), abs=2e-3)
+    assert r["reported_steps_per_second"] == pytest.approx(1.0)
+    # Long runs that were not slower than the short ones: noise, no rate.
+    noisy = bench.summarize({"t5x": {2: [50.0], 12: [49.0]}, "ours": walls["ours"]}, {}, 2, 12)
     assert noisy["t5x"]["steps_per_second"] is None
-    assert noisy["ratio_steps_per_second_ours_over_t5x"] is None
+    assert noisy["ratios"]["ours/t5x"]["steps_per_second"] is None
+
+
+def test_schedule_interleaves_and_rotates():
+    cfg = bench.Config(steps=10, short_steps=2, repeats=3)
+    order = bench.schedule(cfg, ("a", "b", "c"))
+    assert len(order) == 3 * 2 * 3
+    assert order[:6] == [("a", 2), ("b", 2), ("c", 2), ("a", 10), ("b", 10), ("c", 10)]
+    assert [name for name, _ in order[6:9]] == ["b", "c", "a"]  # the next round starts later
+    assert [name for name, _ in order[12:15]] == ["c", "a", "b"]
+    for name in "abc":
+        assert sorted(s for n, s in order if n == name) == [2, 2, 2, 10, 10, 10]
+
+
+def test_trainers_differ_only_as_named(tmp_path):
+    cfg = bench.QUICK
+    ours = bench.trainer_argv("ours", cfg, tmp_path, 6)
+    off = bench.trainer_argv("ours_no_autotune", cfg, tmp_path, 6)
+    assert [a for a in off if a not in ours] == [
+        "--gin.hypermoe_jax.training.datasets.pipeline_options.autotune=False"]
+    assert bench.trainer_argv("ours_warm_cache", cfg, tmp_path, 6) == ours
+    cache = tmp_path / "cache"
+    assert bench.trainer_env("ours", cache)["HYPERMOE_COMPILATION_CACHE"] == "0"
+    assert bench.trainer_env("ours_warm_cache", cache)["HYPERMOE_COMPILATION_CACHE"] == str(cache)
+    assert "JAX_COMPILATION_CACHE_DIR" not in bench.trainer_env("t5x", cache)
 
 
 def test_t5x_reported_parses_its_log_lines():

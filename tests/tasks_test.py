@@ -491,3 +491,30 @@ def test_rouge_hand_computed():
     # LCS(ref1, pred*) = {a, c}; LCS(ref2, pred*) = {d} or {e}: 3 hits; P = 3/5, R = 3/5
     assert m.rouge_lsum("a c\ne d x", "a b c\nd e") == pytest.approx(3 / 5)
     assert m.rouge(["a"], ["b"])["rouge1"] == 0.0
+
+
+def test_trainer_pipelines_autotune_unless_told_not_to(registered):
+    """``training.datasets``: every pipeline carries ``pipeline_options`` (tf.data autotuning on
+    by default, off by gin) and keeps ``PREFETCH_BATCHES`` batches ready; the batches are the
+    same either way."""
+    import gin
+
+    from hypermoe_jax.models import DecoderOnlyModel
+    from hypermoe_jax.training import datasets
+
+    cfg = datasets.DatasetConfig("wiki_char_lm", {"targets": 16}, batch_size=2, shuffle=False)
+
+    def batches(ds):
+        return [b["decoder_target_tokens"] for b in ds.take(3).as_numpy_iterator()]
+
+    on = datasets.get_dataset(cfg, DecoderOnlyModel.FEATURE_CONVERTER_CLS)
+    assert on.options().autotune.enabled is True
+    assert "Prefetch" in type(on).__name__
+    gin.clear_config()
+    try:
+        gin.bind_parameter("hypermoe_jax.training.datasets.pipeline_options.autotune", False)
+        off = datasets.get_dataset(cfg, DecoderOnlyModel.FEATURE_CONVERTER_CLS)
+    finally:
+        gin.clear_config()
+    assert off.options().autotune.enabled is False
+    np.testing.assert_array_equal(batches(on), batches(off))
