@@ -52,10 +52,11 @@ PROSE = [
 ]
 
 
-def write_offline_cache(cache, wiki_repeat: int = 40):
+def write_offline_cache(cache, wiki_repeat: int = 40, text_repeat: int = 1):
     """Writes every offline dataset (``catalog.DATASETS``) under ``cache``; the wiki XML holds
     ``wiki_repeat`` copies of one page header and line (40: 5.6 kB, 280-byte validation / test
-    splits)."""
+    splits); each prose split ``text_repeat`` times two documents, each sentiment split
+    ``text_repeat`` times six labelled lines."""
     # (The two adjacent literals are one string: the header repeats with the line.)
     xml = ("<mediawiki><page><title>A</title><revision><text xml:space=\"preserve\">"
            "'''Anarchism''' is a [[political philosophy|philosophy]] of 1 thing.\n" * wiki_repeat
@@ -68,11 +69,13 @@ def write_offline_cache(cache, wiki_repeat: int = 40):
     contents["wiki/enwik8_sample.xml"] = xml
     for name in ("sotu", "shakespeare"):
         for split in text.SPLITS:
-            contents[f"{name}/{split}.txt"] = "\n".join(PROSE + ["", *PROSE[:2], ""]) + "\n"
+            contents[f"{name}/{split}.txt"] = ("\n".join(PROSE + ["", *PROSE[:2], ""]) + "\n"
+                                               ) * text_repeat
     for sub in ("rotten_tomatoes", "uci"):
         for split in text.SPLITS:
             contents[f"sentiment/{sub}/{split}.tsv"] = (
-                "positive\tA charming, funny film.\nnegative\tDull and far too long.\n" * 3)
+                "positive\tA charming, funny film.\nnegative\tDull and far too long.\n"
+                * 3 * text_repeat)
     for rel, body in contents.items():
         p = cache / rel
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,7 @@ def compile_cache(tmp_path):
     flags = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     old = {k: getattr(jax.config, k) for k in flags}
-    study._compilation_cache(tmp_path / "jax_cache")
+    study.compilation_cache(tmp_path / "jax_cache")
     compilation_cache.reset_cache()
     yield
     for k, v in old.items():
@@ -186,7 +186,7 @@ def test_tiny_hyperrouter_study_end_to_end(tmp_path, fake_cache, compile_cache, 
     def no_training(*a, **k):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr(study, "gin_run", no_training)
+    monkeypatch.setattr(study.runs, "gin_run", no_training)
     again = study.run_study("hyperrouter", TINY, out, work, say=lambda _: None)
     assert again["test_bits_per_char"] == res["test_bits_per_char"]
     # Reporting the finished runs only: a run without its record is left out.
@@ -247,11 +247,11 @@ def test_hypermoe_study_aggregates_its_runs(tmp_path, monkeypatch):
 
     sel = {"labels": ["a", "b"], "similarity": [[1.0, 0.5], [0.5, 1.0]], "within_layer": 0.5,
            "across_layers": 0.1, "router_correlation": 0.2, "hyper_to_expert_scale": 1e-3}
-    monkeypatch.setattr(study, "_pretrain", lambda s, work, vocab: (
+    monkeypatch.setattr(study.hypermoe, "pretrain", lambda s, work, vocab: (
         work / "ckpt", {"final_valid_loss": 2.0, "train_seconds": 3.0, "curves": curves}))
-    monkeypatch.setattr(study, "_finetune_run", finetune)
-    monkeypatch.setattr(study, "selection_analysis", lambda ckpt: sel)
-    monkeypatch.setattr(study, "parameter_count", lambda ckpt: 7)
+    monkeypatch.setattr(study.hypermoe, "finetune_run", finetune)
+    monkeypatch.setattr(study.hypermoe, "selection_analysis", lambda ckpt: sel)
+    monkeypatch.setattr(study.hypermoe, "parameter_count", lambda ckpt: 7)
     setting = dataclasses.replace(study.FULL["hypermoe"], top_k=(1, 2))
     res = study.run_study("hypermoe", setting, tmp_path / "out", tmp_path / "work",
                           say=lambda _: None)
@@ -279,10 +279,100 @@ def test_flags_scale_the_settings():
     import argparse
 
     args = argparse.Namespace(quick=False, seeds=5, steps=2000, batch_size=64, pretrain_steps=None,
-                              model_size="lm_small", num_experts=16)
-    s = study._setting("hyperrouter", args, ["RANDOM_SEED = 3"])
+                              pretrain_batch_size=None, model_size="lm_small", num_experts=16)
+    s = study.setting_from_flags("hyperrouter", args, ["RANDOM_SEED = 3"])
     assert (s.seeds, s.steps, s.batch_size, s.model_size) == ((0, 1, 2, 3, 4), 2000, 64,
                                                               "lm_small")
     assert (s.num_experts, s.k_min, s.k_values) == (16, 8, (1, 2, 4, 8, 16))
     assert s.bindings == ("RANDOM_SEED = 3",)
-    assert study._setting("hypermoe", args, []).k_values == study.FULL["hypermoe"].k_values
+    hypermoe = study.setting_from_flags("hypermoe", args, [])
+    assert hypermoe.k_values == study.FULL["hypermoe"].k_values
+    # The scaled adapters fit the tiny model: another size, or the flag, takes the paper's.
+    assert hypermoe.finetune_bindings == ()
+    args.model_size = None
+    assert study.setting_from_flags("hypermoe", args, []).finetune_bindings == (
+        study.SCALED_ADAPTERS)
+    args.paper_adapter_sizes = True
+    assert study.setting_from_flags("hypermoe", args, []).finetune_bindings == ()
+
+
+def test_scaled_adapters_add_the_papers_share_of_parameters():
+    """The hypermoe study's fine-tuned models (its gins and bindings): HyperMoE's generator and
+    MoE-Share's adapter add about the share of parameters they add to Switch-base-8 with the
+    paper's sizes, not a multiple of the tiny model."""
+    import gin
+
+    from hypermoe_jax.architectures import sizes
+    from hypermoe_jax.training import gin_utils
+
+    def trainable(gin_file, bindings=()):
+        model = gin_utils.model_from_gin([gin_file], list(bindings))
+        gin.clear_config()
+        return sizes.parameter_counts(model.config)["params"]
+
+    s = study.FULL["hypermoe"]
+    tiny = {v: trainable(f"models/{v}_{s.model_size}.gin", [
+        f"NUM_EXPERTS = {s.num_experts}", "NUM_EMBEDDINGS = 8192", *s.finetune_bindings])
+        for v in study.FT_VARIANTS}
+    base = {v: trainable(f"models/{v}_base_8.gin") for v in ("switch", "hypermoe", "moe_share")}
+    paper_hyper = base["hypermoe"] / base["switch"] - 1
+    paper_share = base["moe_share"] / base["switch"] - 1
+    assert 0.03 < paper_hyper < 0.05 and 0 < paper_share < 0.005  # 4.2% and 0.19%
+    hyper = tiny["hypermoe"] / tiny["switch"] - 1
+    share = tiny["moe_share"] / tiny["switch"] - 1
+    assert 0.5 * paper_hyper < hyper < 1.5 * paper_hyper, (hyper, paper_hyper)
+    assert 0 < share < 0.01, share
+    # The paper's absolute sizes at d 64 (the gins' own): the generator nearly triples the model.
+    unscaled = trainable(f"models/hypermoe_{s.model_size}.gin",
+                         [f"NUM_EXPERTS = {s.num_experts}", "NUM_EMBEDDINGS = 8192"])
+    assert unscaled / tiny["switch"] > 2
+
+
+def test_hypermoe_runs_through_the_trainer(tmp_path, compile_cache, monkeypatch):
+    """The HyperMoE study's own runs with the real trainer on the fake offline cache (model and
+    steps shrunk): the Switch pretraining, HyperMoE fine-tuned from its checkpoint with the
+    scaled adapters, both splits decoded, then the selection analysis and the parameter count of
+    the real checkpoint. The accuracy is that of the predictions file the run decoded."""
+    from hypermoe_jax.architectures import sizes
+    from hypermoe_jax.study import hypermoe as hm
+    from hypermoe_jax.training import gin_utils
+
+    cache = tmp_path / "cache"
+    write_offline_cache(cache, text_repeat=20)  # batches of 8 (one row per fake device)
+    monkeypatch.setenv(cache_lib.CACHE_ENV, str(cache))
+    shrink = tuple(f"sizes.sparse_t5.{k} = {v}" for k, v in (
+        ("emb_dim", 32), ("mlp_dim", 64), ("num_heads", 2), ("head_dim", 16),
+        ("num_encoder_layers", 2), ("num_decoder_layers", 2)))
+    s = dataclasses.replace(study.QUICK["hypermoe"], steps=2, pretrain_steps=2, batch_size=8,
+                            pretrain_batch_size=8, bindings=shrink)
+    work = tmp_path / "work"
+    work.mkdir()
+    vocab_gin = work / "offline_vocab.gin"
+    vocab_gin.write_text(hm.OFFLINE_VOCAB_GIN)
+    ckpt, pre = hm.pretrain(s, work, vocab_gin)
+    assert pre["curves"]["load"] and math.isfinite(pre["final_valid_loss"])
+    run_dir = work / "hypermoe"
+    rec = hm.finetune_run(s, "hypermoe", 1, 0, ckpt, vocab_gin, run_dir)
+    for split, key in (("test", "test_accuracy"), ("validation", "valid_accuracy")):
+        (preds,) = (run_dir / f"eval_{split}").glob("predictions_*.jsonl")
+        rows = [json.loads(line) for line in preds.read_text().splitlines()]
+        assert len(rows) == 8  # one batch (test_steps 1)
+        assert rec[key] == pytest.approx(100.0 * np.mean([r["target"] == r["prediction"]
+                                                          for r in rows]))
+    assert rec["test_loss"] == json.loads(
+        (run_dir / "eval_test" / "eval_metrics.json").read_text())["cross_ent_loss"]
+    # The checkpoint holds the model the study's gins build (scaled adapters included).
+    model = gin_utils.model_from_gin(["models/hypermoe_tiny.gin", str(vocab_gin)], [
+        f"NUM_EXPERTS = {s.num_experts}", *shrink, *s.finetune_bindings])
+    import gin
+
+    gin.clear_config()
+    assert study.parameter_count(run_dir / "checkpoints") == sizes.parameter_counts(
+        model.config)["params"]
+    assert model.config.moe.hyper_experts.bottleneck_dim == 8
+    sel = study.selection_analysis(run_dir / "checkpoints")
+    assert len(sel["labels"]) == 8  # one encoder and one decoder MoE layer of 4 experts
+    assert 0 < sel["hyper_to_expert_scale"] < 1
+    # Run again: the record is reused, nothing is trained.
+    monkeypatch.setattr(study.runs, "gin_run", lambda *a: pytest.fail("ran again"))
+    assert hm.finetune_run(s, "hypermoe", 1, 0, ckpt, vocab_gin, run_dir) == rec
