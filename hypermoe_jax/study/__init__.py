@@ -19,8 +19,9 @@ Switch and HyperMoE are also fine-tuned with two experts per token. Paper: Hyper
 MoE-Share; the HyperExpert helps most when few experts are active. The selection embeddings of
 the fine-tuned HyperMoE models are compared across experts and layers, and with the router.
 HyperMoE's generator and MoE-Share's adapter are scaled to the tiny model (``SCALED_ADAPTERS``:
-bottleneck d / 8), so that they add what they add to Switch-base-8 in the paper (~3% and ~0.3%
-of the parameters) rather than nearly tripling a d-64 model.
+bottleneck d / 8), so that they add about what they add to Switch-base-8 with the paper's sizes
+(+3.3% and +0.4% of the parameters; +4.2% and +0.2% there) rather than nearly tripling a d-64
+model.
 
 Each study writes ``OUT/results.json`` (every seed's figures, mean +- std, the paper's direction
 and whether this run agrees) and PNG figures under ``OUT/figures``. Runs (checkpoints,
