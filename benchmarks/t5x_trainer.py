@@ -24,8 +24,9 @@ and what each trainer reports itself (T5X: ``timing/compilation_seconds`` and th
   False``: no wait for the autotuner when an iterator is deleted);
 * ``ours_warm_cache``: with a compilation cache that one untimed run filled first -- a rerun.
 
-Target: this trainer is not slower than T5X (wall ratios <= 1, steady steps/s ratio >= 1, each
-within the spread of the repeats). Needs T5X installed and the ``wiki`` dataset (``python -m
+Target: this trainer is not slower than T5X (wall ratios <= 1, steady steps/s ratio >= 1). Each
+trainer's ``relative_spread`` ((max - min) / median of its walls at a step count) says how far
+apart its repeats fell: a ratio's distance from 1 smaller than that is noise. Needs T5X installed and the ``wiki`` dataset (``python -m
 hypermoe_jax.data fetch wiki``, done here when missing). Writes
 ``benchmarks/results/t5x_trainer.json``.
 """
@@ -171,7 +172,7 @@ def _median(xs):
 
 def summarize(walls: dict[str, dict[int, list[float]]], reported: dict[str, list[dict]],
               short: int, steps: int) -> dict:
-    """Per trainer: the walls, their medians, the fixed cost (median short wall) and the steady
+    """Per trainer: the walls, their medians and relative spread, the fixed cost (median short wall) and the steady
     steps/s from the medians (None where the long runs were not slower: noise larger than the
     steps' time); then every trainer's ratios to ``t5x``."""
     out: dict = {}
@@ -184,6 +185,8 @@ def summarize(walls: dict[str, dict[int, list[float]]], reported: dict[str, list
                sorted({k for r in reps for k in r})}
         out[name] = {"wall_seconds": {str(n): [round(x, 2) for x in w[n]] for n in w},
                      "median_wall_seconds": {str(n): round(v, 2) for n, v in med.items()},
+                     "relative_spread": {str(n): round((max(w[n]) - min(w[n])) / med[n], 3)
+                                         for n in (short, steps) if w[n]},
                      "fixed_seconds": round(med[short], 2),
                      "steps_per_second": None if rate is None else round(rate, 3),
                      "reported_median": own}

@@ -24,6 +24,8 @@ def test_summarize_medians_steady_rate_and_ratios():
     t5x, ours = out["t5x"], out["ours"]
     assert t5x["median_wall_seconds"] == {"2": 52.0, "12": 71.0}  # the outlier does not count
     assert t5x["fixed_seconds"] == 52.0 and ours["fixed_seconds"] == 40.0
+    assert t5x["relative_spread"] == {"2": pytest.approx(30 / 52, abs=1e-3),
+                                      "12": pytest.approx(2 / 71, abs=1e-3)}
     assert t5x["steps_per_second"] == pytest.approx(10 / 19, abs=1e-3)
     assert ours["steps_per_second"] == pytest.approx(2.0)
     assert t5x["reported_median"] == {"compilation_seconds": 25.0, "steps_per_second": 3.0}
