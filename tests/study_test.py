@@ -279,7 +279,8 @@ def test_flags_scale_the_settings():
     import argparse
 
     args = argparse.Namespace(quick=False, seeds=5, steps=2000, batch_size=64, pretrain_steps=None,
-                              pretrain_batch_size=None, model_size="lm_small", num_experts=16)
+                              pretrain_batch_size=None, model_size="lm_small", num_experts=16,
+                              learning_rate=None)
     s = study.setting_from_flags("hyperrouter", args, ["RANDOM_SEED = 3"])
     assert (s.seeds, s.steps, s.batch_size, s.model_size) == ((0, 1, 2, 3, 4), 2000, 64,
                                                               "lm_small")
@@ -294,6 +295,8 @@ def test_flags_scale_the_settings():
         study.SCALED_ADAPTERS)
     args.paper_adapter_sizes = True
     assert study.setting_from_flags("hypermoe", args, []).finetune_bindings == ()
+    args.learning_rate = 3e-3
+    assert study.setting_from_flags("hypermoe", args, []).learning_rate == 3e-3
 
 
 def test_scaled_adapters_add_the_papers_share_of_parameters():

@@ -65,7 +65,8 @@ def setting_from_flags(study: str, args: argparse.Namespace, bindings: list[str]
     changes: dict[str, Any] = {}
     if args.seeds is not None:
         changes["seeds"] = tuple(range(args.seeds))
-    for field in ("steps", "batch_size", "pretrain_steps", "pretrain_batch_size"):
+    for field in ("steps", "batch_size", "pretrain_steps", "pretrain_batch_size",
+                  "learning_rate"):
         if getattr(args, field) is not None:
             changes[field] = getattr(args, field)
     if args.model_size is not None:
@@ -111,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--pretrain_batch_size", type=int, default=None,
                    help="hypermoe: the Switch pretraining's batch")
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help="hypermoe: the fine-tuning's (constant, AdamW) learning rate")
     p.add_argument("--model_size", default=None, help="size preset (architectures/sizes.py)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: report the finished runs (e.g. of a study still running)")
