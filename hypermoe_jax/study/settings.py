@@ -69,7 +69,12 @@ class Setting:
 
 FULL = {
     "hyperrouter": Setting(),
+    # Pretraining at warmup 1000 (peak lr 1/sqrt(1000) = 0.032): at warmup 100 (peak 0.1) the
+    # tiny Switch learned to ignore its encoder (log p(target | input) varied by a std of 0.01
+    # across inputs, against 0.5-2 at init and 0.7-1.4 at warmup 1000) and reached a validation
+    # loss of 5.65 after 600 steps, against 4.80 after 300 steps at warmup 1000.
     "hypermoe": Setting(steps=250, batch_size=32, lengths=(("inputs", 64), ("targets", 4)),
+                        warmup_steps=1000,
                         model_size="tiny", num_experts=4, expert_hidden_dim=None, eval_period=50,
                         eval_steps=8, test_steps=None, top_k=(1, 2),
                         finetune_bindings=SCALED_ADAPTERS),
