@@ -26,9 +26,9 @@ and what each trainer reports itself (T5X: ``timing/compilation_seconds`` and th
 
 Target: this trainer is not slower than T5X (wall ratios <= 1, steady steps/s ratio >= 1). Each
 trainer's ``relative_spread`` ((max - min) / median of its walls at a step count) says how far
-apart its repeats fell: a ratio's distance from 1 smaller than that is noise. Needs T5X installed and the ``wiki`` dataset (``python -m
-hypermoe_jax.data fetch wiki``, done here when missing). Writes
-``benchmarks/results/t5x_trainer.json``.
+apart its repeats fell: a ratio's distance from 1 smaller than that is noise. Needs T5X installed
+and the ``wiki`` dataset (``python -m hypermoe_jax.data fetch wiki``, done here when missing).
+Writes ``benchmarks/results/t5x_trainer.json``.
 """
 
 from __future__ import annotations
@@ -172,9 +172,9 @@ def _median(xs):
 
 def summarize(walls: dict[str, dict[int, list[float]]], reported: dict[str, list[dict]],
               short: int, steps: int) -> dict:
-    """Per trainer: the walls, their medians and relative spread, the fixed cost (median short wall) and the steady
-    steps/s from the medians (None where the long runs were not slower: noise larger than the
-    steps' time); then every trainer's ratios to ``t5x``."""
+    """Per trainer: the walls, their medians and relative spread, the fixed cost (median short
+    wall) and the steady steps/s from the medians (None where the long runs were not slower:
+    noise larger than the steps' time); then every trainer's ratios to ``t5x``."""
     out: dict = {}
     for name, w in walls.items():
         med = {n: _median(w[n]) for n in (short, steps)}
