@@ -893,6 +893,19 @@ def test_infer_decodes_this_hosts_shard_unpacked(pretrained, env, tmp_path, monk
                      capsys.readouterr().out, re.M)
 
 
+def test_infer_decodes_every_example_of_a_split_of_partial_batches(pretrained, env, tmp_path):
+    """One host, 20 examples in batches of 8: the last batch is completed with padding rows and
+    every example is decoded once, in order, with its own target (none is dropped)."""
+    out = tmp_path / "infer"
+    rc = run_main(lm_args(env, None, run="infer", CHECKPOINT_PATH=str(pretrained.ckpt),
+                          INFER_OUTPUT_DIR=str(out), MIXTURE_OR_TASK_NAME=_register_lines_task(),
+                          BATCH_SIZE="8"))
+    assert rc == 0
+    preds = read_jsonl(out / "predictions_train_test_numbered_lines_validation.jsonl")
+    assert [p["target"] for p in preds] == SHARD_TEXTS
+    assert all(isinstance(p["prediction"], str) for p in preds)
+
+
 # ---------------------------------------------------------------------------------------------
 # Any-k evaluation: k is static, one compiled eval step per k
 # ---------------------------------------------------------------------------------------------

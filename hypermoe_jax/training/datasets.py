@@ -136,10 +136,15 @@ def infer_batches(cfg: DatasetConfig, feature_converter_cls, *, shard_id: int = 
     """Batches to decode, each with the task's examples in its rows: ``(batch, examples)``.
 
     One example per row -- unpacked, whatever ``cfg.pack`` says (decoding continues one
-    prompt per row) -- in the split's order (no shuffling), this host's shard, whole batches of
+    prompt per row) -- in the split's order (no shuffling), this host's shard, batches of
     ``cfg.batch_size // num_shards`` rows. The converted examples are zipped with the examples
     they come from (two passes over one unshuffled pipeline), so targets and predictions pair
     up on any number of hosts.
+
+    On one host the last batch is completed with all-padding rows, and its ``examples`` list
+    only the real ones: every example of the split is decoded (the caller keeps the first
+    ``len(examples)`` rows). On several hosts a host's last partial batch is dropped (at most
+    ``rows - 1`` examples per host), so that every host steps the same number of batches.
     """
     import tensorflow as tf
 
@@ -154,6 +159,10 @@ def infer_batches(cfg: DatasetConfig, feature_converter_cls, *, shard_id: int = 
         if len(rows) == rows_per_host:
             yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, sources
             rows, sources = [], []
+    if rows and num_shards == 1:
+        pad = {k: np.zeros_like(v) for k, v in rows[0].items()}
+        rows += [pad] * (rows_per_host - len(rows))
+        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, sources
 
 
 def first_batch(ds, cfg: DatasetConfig):

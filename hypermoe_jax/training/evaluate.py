@@ -182,8 +182,9 @@ def infer_evaluate(model, state, cfg: DatasetConfig, mesh, out_dir: Path,
                                max_batches)
     for host_batch, examples in batches:
         tokens = predict(state.params, state.flax_mutables, to_global(host_batch, mesh))
+        rows = to_local(tokens, mesh)[:len(examples)]  # a last batch's padding rows dropped
         records += [_record(task, out_vocab, ex, row)
-                    for ex, row in zip(examples, to_local(tokens, mesh), strict=True)]
+                    for ex, row in zip(examples, rows, strict=True)]
         progress.update(tokens=num_target_tokens(host_batch))
     progress.done()
     if not records:
