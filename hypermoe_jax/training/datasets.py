@@ -143,8 +143,9 @@ def infer_batches(cfg: DatasetConfig, feature_converter_cls, *, shard_id: int = 
 
     On one host the last batch is completed with all-padding rows, and its ``examples`` list
     only the real ones: every example of the split is decoded (the caller keeps the first
-    ``len(examples)`` rows). On several hosts a host's last partial batch is dropped (at most
-    ``rows - 1`` examples per host), so that every host steps the same number of batches.
+    ``len(examples)`` rows). On several hosts a host's last partial batch is still dropped (at
+    most ``rows - 1`` examples per host): padding it would need the hosts to agree on a batch
+    count, which they do not exchange.
     """
     import tensorflow as tf
 
@@ -152,17 +153,20 @@ def infer_batches(cfg: DatasetConfig, feature_converter_cls, *, shard_id: int = 
                              num_epochs=1)
     converted = feature_converter_cls(pack=False)(examples, dict(cfg.task_feature_lengths))
     rows_per_host = cfg.batch_size // num_shards
+
+    def stacked(rows):
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
     rows, sources = [], []
     for row, ex in tf.data.Dataset.zip((converted, examples)).as_numpy_iterator():
         rows.append(row)
         sources.append(ex)
         if len(rows) == rows_per_host:
-            yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, sources
+            yield stacked(rows), sources
             rows, sources = [], []
     if rows and num_shards == 1:
         pad = {k: np.zeros_like(v) for k, v in rows[0].items()}
-        rows += [pad] * (rows_per_host - len(rows))
-        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, sources
+        yield stacked(rows + [pad] * (rows_per_host - len(rows))), sources
 
 
 def first_batch(ds, cfg: DatasetConfig):
